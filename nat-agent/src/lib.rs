@@ -1,0 +1,34 @@
+//! The NAT appliance's agent: config -> validated model -> compiled map contents -> dataplane.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library, so tests drive the same code.
+
+pub mod compile;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod metrics;
+pub mod model;
+
+use std::{collections::BTreeMap, path::Path};
+
+/// A config that failed to load, already formatted one problem per line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Reads, validates and compiles a config file without touching the kernel.
+pub fn load_config(path: &Path) -> Result<(model::Model, compile::CompiledDnat), ConfigError> {
+    let file = path.display().to_string();
+    let raw = config::ConfigFile::read(path).map_err(|e| ConfigError(e.to_string()))?;
+    let model = model::validate(&file, &raw).map_err(|e| ConfigError(e.to_string()))?;
+    let compiled = compile::compile(&model.dnat, &BTreeMap::new()).map_err(|problems| {
+        ConfigError(
+            model::ValidationError {
+                file: file.clone(),
+                problems,
+            }
+            .to_string(),
+        )
+    })?;
+    Ok((model, compiled))
+}

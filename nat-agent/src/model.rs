@@ -1,0 +1,530 @@
+//! The validated model: what the operator asked for, checked field by field.
+//!
+//! Validation collects every problem with the file, the rule and the field named, one line
+//! each, so an operator fixes a config in one pass. Nothing here touches the kernel.
+
+use std::{collections::HashSet, fmt, net::SocketAddr, ops::RangeInclusive};
+
+use ipnet::Ipv4Net;
+use nat_common::{ipv4::proto, maps::MAX_RULES};
+
+use crate::config::{ConfigFile, DnatEntry, InterfaceEntry, PortSpec};
+
+/// How the XDP program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic with a warning when the driver refuses.
+    Auto,
+    /// Native (driver) mode only; failing to attach is an error.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+}
+
+impl XdpMode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
+/// An interface to attach to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// Kernel interface name.
+    pub name: String,
+    /// Attach mode.
+    pub mode: XdpMode,
+}
+
+/// An inclusive port range, `min <= max`, both non-zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub min: u16,
+    /// Last port.
+    pub max: u16,
+}
+
+impl PortRange {
+    /// Number of ports in the range.
+    pub fn len(&self) -> u32 {
+        u32::from(self.max - self.min) + 1
+    }
+
+    /// Always false: a range holds at least one port. (Present for clippy's `len` convention.)
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The range as a std range.
+    pub fn range(&self) -> RangeInclusive<u16> {
+        self.min..=self.max
+    }
+
+    fn overlaps(&self, other: &PortRange) -> bool {
+        self.min <= other.max && other.min <= self.max
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.min)
+        } else {
+            write!(f, "{}-{}", self.min, self.max)
+        }
+    }
+}
+
+/// A validated DNAT rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnatRule {
+    /// Stable id from the config.
+    pub id: u32,
+    /// Unique name (metrics label).
+    pub name: String,
+    /// Destination prefix matched (host bits zero).
+    pub destination: Ipv4Net,
+    /// Protocol matched; `None` for any.
+    pub protocol: Option<u8>,
+    /// Destination ports matched (TCP/UDP only).
+    pub port: Option<PortRange>,
+    /// Prefix written as destination; same length as `destination`.
+    pub to_address: Ipv4Net,
+    /// Ports written; same size as `port`.
+    pub to_port: Option<PortRange>,
+}
+
+impl DnatRule {
+    /// The ports a backend's replies come from: the rewritten range, or the matched range when
+    /// the port is kept.
+    pub fn backend_ports(&self) -> Option<PortRange> {
+        self.to_port.or(self.port)
+    }
+}
+
+/// The validated config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Model {
+    /// Metrics listener address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Interfaces, in config order.
+    pub interfaces: Vec<Interface>,
+    /// DNAT rules, in priority order.
+    pub dnat: Vec<DnatRule>,
+}
+
+/// One problem with a config, located as precisely as possible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Which part of the file: `dnat rule "web" (id 10)`, `interface "eth0"`, `[agent]`.
+    pub place: String,
+    /// The field, when one field is at fault.
+    pub field: Option<&'static str>,
+    /// What is wrong and, where it helps, what to write instead.
+    pub message: String,
+}
+
+/// Every problem found in a config file, one per line when displayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationError {
+    /// The file.
+    pub file: String,
+    /// The problems, in file order.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ValidationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}", self.file, p.place)?;
+            if let Some(field) = p.field {
+                write!(f, ": field `{field}`")?;
+            }
+            write!(f, ": {}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Validates a parsed config file; `file` names it in errors.
+pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationError> {
+    let mut problems = Vec::new();
+
+    let metrics_listen = config.agent.metrics_listen.as_ref().and_then(|s| {
+        s.parse::<SocketAddr>()
+            .map_err(|_| {
+                problems.push(Problem {
+                    place: "[agent]".into(),
+                    field: Some("metrics_listen"),
+                    message: format!("{s:?} is not an address:port (e.g. \"127.0.0.1:9469\")"),
+                })
+            })
+            .ok()
+    });
+
+    let interfaces = validate_interfaces(&config.interfaces, &mut problems);
+
+    let mut dnat = Vec::new();
+    let mut ids = HashSet::new();
+    let mut names = HashSet::new();
+    for (index, entry) in config.dnat.iter().enumerate() {
+        if let Some(rule) = validate_dnat(index, entry, &mut problems) {
+            let place = rule_place(index, entry);
+            if !ids.insert(rule.id) {
+                problems.push(Problem {
+                    place: place.clone(),
+                    field: Some("id"),
+                    message: format!("id {} is used by an earlier rule", rule.id),
+                });
+            }
+            if !names.insert(rule.name.clone()) {
+                problems.push(Problem {
+                    place,
+                    field: Some("name"),
+                    message: format!("name {:?} is used by an earlier rule", rule.name),
+                });
+            }
+            dnat.push(rule);
+        }
+    }
+    if config.dnat.len() > MAX_RULES as usize {
+        problems.push(Problem {
+            place: "[[dnat]]".into(),
+            field: None,
+            message: format!("{} rules; at most {MAX_RULES} are supported", config.dnat.len()),
+        });
+    }
+    check_reverse_ambiguity(&dnat, &mut problems);
+
+    if problems.is_empty() {
+        Ok(Model {
+            metrics_listen,
+            interfaces,
+            dnat,
+        })
+    } else {
+        Err(ValidationError {
+            file: file.to_string(),
+            problems,
+        })
+    }
+}
+
+fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) -> Vec<Interface> {
+    if entries.is_empty() {
+        problems.push(Problem {
+            place: "[[interfaces]]".into(),
+            field: None,
+            message: "no interface to attach to; add at least one [[interfaces]] with a name".into(),
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for entry in entries {
+        let place = format!("interface {:?}", entry.name);
+        let name_ok = !entry.name.is_empty()
+            && entry.name.len() <= 15
+            && entry
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+        if !name_ok {
+            problems.push(Problem {
+                place: place.clone(),
+                field: Some("name"),
+                message: "not a valid interface name (1 to 15 printable characters, no '/' or ':')"
+                    .into(),
+            });
+        }
+        if !seen.insert(entry.name.clone()) {
+            problems.push(Problem {
+                place: place.clone(),
+                field: Some("name"),
+                message: "listed twice".into(),
+            });
+        }
+        let mode = match entry.xdp_mode.as_deref() {
+            None | Some("auto") => Some(XdpMode::Auto),
+            Some("native") => Some(XdpMode::Native),
+            Some("generic") => Some(XdpMode::Generic),
+            Some(other) => {
+                problems.push(Problem {
+                    place: place.clone(),
+                    field: Some("xdp_mode"),
+                    message: format!("{other:?} is not one of \"auto\", \"native\", \"generic\""),
+                });
+                None
+            }
+        };
+        if let (true, Some(mode)) = (name_ok, mode) {
+            out.push(Interface {
+                name: entry.name.clone(),
+                mode,
+            });
+        }
+    }
+    out
+}
+
+fn rule_place(index: usize, entry: &DnatEntry) -> String {
+    match (&entry.name, entry.id) {
+        (Some(name), Some(id)) => format!("dnat rule {name:?} (id {id})"),
+        (Some(name), None) => format!("dnat rule {name:?}"),
+        (None, Some(id)) => format!("dnat rule #{} (id {id})", index + 1),
+        (None, None) => format!("dnat rule #{}", index + 1),
+    }
+}
+
+/// Validates one `[[dnat]]` entry, pushing a problem per faulty field.
+fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Option<DnatRule> {
+    let place = rule_place(index, e);
+    let before = problems.len();
+    let mut problem = |field: &'static str, message: String| {
+        problems.push(Problem {
+            place: place.clone(),
+            field: Some(field),
+            message,
+        })
+    };
+
+    let id = match e.id {
+        None => {
+            problem("id", "missing; every rule needs a stable numeric id".into());
+            None
+        }
+        Some(id) => match u32::try_from(id) {
+            Ok(id) if id > 0 => Some(id),
+            _ => {
+                problem("id", format!("{id} is out of range 1..=4294967295"));
+                None
+            }
+        },
+    };
+    let name = match &e.name {
+        None => {
+            problem("name", "missing".into());
+            None
+        }
+        Some(n) if n.is_empty() || n.len() > 64 => {
+            problem("name", "must be 1 to 64 characters".into());
+            None
+        }
+        Some(n)
+            if !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
+        {
+            problem("name", format!("{n:?}: use letters, digits, '-', '_' and '.' only"));
+            None
+        }
+        Some(n) => Some(n.clone()),
+    };
+    let destination = match &e.destination {
+        None => {
+            problem("destination", "missing; the VIP address or prefix to match".into());
+            None
+        }
+        Some(s) => parse_prefix(s).map_err(|m| problem("destination", m)).ok(),
+    };
+    let protocol = match e.protocol.as_deref() {
+        None => None,
+        Some("tcp") => Some(proto::TCP),
+        Some("udp") => Some(proto::UDP),
+        Some("icmp") => Some(proto::ICMP),
+        Some(other) => {
+            problem(
+                "protocol",
+                format!("{other:?} is not one of \"tcp\", \"udp\", \"icmp\" (omit it for any)"),
+            );
+            return None;
+        }
+    };
+    let port = e
+        .port
+        .as_ref()
+        .and_then(|p| parse_ports(p).map_err(|m| problem("port", m)).ok());
+    if e.port.is_some() && !matches!(protocol, Some(proto::TCP) | Some(proto::UDP)) {
+        problem(
+            "port",
+            "a port match needs protocol = \"tcp\" or \"udp\"".into(),
+        );
+    }
+    let to_address = match &e.to_address {
+        None => {
+            problem("to_address", "missing; the backend address or prefix".into());
+            None
+        }
+        Some(s) => parse_prefix(s).map_err(|m| problem("to_address", m)).ok(),
+    };
+    if let (Some(d), Some(t)) = (destination, to_address) {
+        if d.prefix_len() != t.prefix_len() {
+            problem(
+                "to_address",
+                format!(
+                    "{t} is a /{} but destination {d} is a /{}: a prefix maps onto a prefix of the same size",
+                    t.prefix_len(),
+                    d.prefix_len()
+                ),
+            );
+        }
+    }
+    let to_port = match (&e.to_port, port) {
+        (None, _) => None,
+        (Some(_), None) if e.port.is_none() => {
+            problem(
+                "to_port",
+                "rewriting the port needs a `port` match (the reverse of \"any port onto one\" would be ambiguous)".into(),
+            );
+            None
+        }
+        (Some(_), None) => None,
+        (Some(spec), Some(matched)) => match parse_ports_or_start(spec, matched.len()) {
+            Ok(r) if r.len() == matched.len() => Some(r),
+            Ok(r) => {
+                problem(
+                    "to_port",
+                    format!(
+                        "{r} is {} ports but port {matched} is {}: a range maps onto a range of the same size",
+                        r.len(),
+                        matched.len()
+                    ),
+                );
+                None
+            }
+            Err(m) => {
+                problem("to_port", m);
+                None
+            }
+        },
+    };
+
+    if problems.len() != before {
+        return None;
+    }
+    Some(DnatRule {
+        id: id?,
+        name: name?,
+        destination: destination?,
+        protocol,
+        port,
+        to_address: to_address?,
+        to_port,
+    })
+}
+
+/// `198.18.0.5` (a /32) or `198.18.0.0/24` with host bits zero.
+fn parse_prefix(s: &str) -> Result<Ipv4Net, String> {
+    let net = if s.contains('/') {
+        s.parse::<Ipv4Net>()
+            .map_err(|_| format!("{s:?} is not an IPv4 address or prefix"))?
+    } else {
+        let addr = s
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IPv4 address or prefix"))?;
+        Ipv4Net::new(addr, 32).expect("32 is a valid IPv4 prefix length")
+    };
+    if net.addr() != net.network() {
+        return Err(format!(
+            "{s:?} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_port_number(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(format!("{s:?} is not a port in 1..=65535")),
+    }
+}
+
+/// `80`, `"80"` or `"8000-8009"`.
+fn parse_ports(spec: &PortSpec) -> Result<PortRange, String> {
+    match spec {
+        PortSpec::Number(n) => {
+            let p = parse_port_number(&n.to_string())?;
+            Ok(PortRange { min: p, max: p })
+        }
+        PortSpec::Text(s) => {
+            let (min, max) = match s.split_once('-') {
+                Some((a, b)) => (parse_port_number(a)?, parse_port_number(b)?),
+                None => {
+                    let p = parse_port_number(s)?;
+                    (p, p)
+                }
+            };
+            if min > max {
+                return Err(format!("{s:?}: the range is backwards"));
+            }
+            Ok(PortRange { min, max })
+        }
+    }
+}
+
+/// Like [`parse_ports`], but a single port names the start of a range of `len` ports.
+fn parse_ports_or_start(spec: &PortSpec, len: u32) -> Result<PortRange, String> {
+    let r = parse_ports(spec)?;
+    if r.min != r.max || len == 1 {
+        return Ok(r);
+    }
+    let max = u32::from(r.min) + len - 1;
+    if max > 65535 {
+        return Err(format!(
+            "{spec}: a range of {len} ports starting at {} runs past 65535",
+            r.min
+        ));
+    }
+    Ok(PortRange {
+        min: r.min,
+        max: max as u16,
+    })
+}
+
+/// Stateless DNAT restores a reply's source from the backend address and port alone. If two
+/// rules send traffic to overlapping backend address/protocol/port spaces, a reply from there
+/// could belong to either VIP: refuse rather than guess.
+fn check_reverse_ambiguity(rules: &[DnatRule], problems: &mut Vec<Problem>) {
+    for (i, later) in rules.iter().enumerate() {
+        for earlier in &rules[..i] {
+            let addrs = earlier.to_address.contains(&later.to_address.network())
+                || later.to_address.contains(&earlier.to_address.network());
+            let protos = match (earlier.protocol, later.protocol) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            let ports = match (earlier.backend_ports(), later.backend_ports()) {
+                (Some(a), Some(b)) => a.overlaps(&b),
+                _ => true,
+            };
+            if addrs && protos && ports {
+                problems.push(Problem {
+                    place: format!("dnat rule {:?} (id {})", later.name, later.id),
+                    field: Some("to_address"),
+                    message: format!(
+                        "replies from {}{} could belong to this rule or to rule {:?} (id {}); \
+                         stateless DNAT cannot tell them apart. Give each VIP its own backend \
+                         address or port (several VIPs onto one backend port needs connection \
+                         tracking, not yet available)",
+                        later.to_address,
+                        later
+                            .backend_ports()
+                            .map(|p| format!(" port {p}"))
+                            .unwrap_or_default(),
+                        earlier.name,
+                        earlier.id
+                    ),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Types and pure logic shared by the XDP program (`nat-ebpf`) and the agent (`nat-agent`).
+//!
+//! Everything here is `no_std` and allocation-free so the kernel program can use it, and it is
+//! tested on the host (unit and property tests) so the kernel side only has to call it.
+//!
+//! Map value types are `#[repr(C)]` with explicit padding and size asserts: the agent and the
+//! kernel program must agree on every byte.
+#![cfg_attr(not(test), no_std)]
+
+pub mod checksum;
+pub mod ipv4;
+pub mod maps;
+pub mod rules;
+pub mod stats;

@@ -1,0 +1,48 @@
+//! XDP NAT: the kernel half of the appliance.
+//!
+//! Every packet takes exactly one exit, named by a [`Reason`] that is counted per CPU and
+//! decides the XDP action. Translation is stateless DNAT for now: `DNAT_FORWARD` rewrites the
+//! destination of packets to a VIP, `DNAT_REVERSE` rewrites the source of the backend's replies.
+//! Translated packets go to the kernel (XDP_PASS), which forwards them.
+#![no_std]
+#![no_main]
+
+mod dnat;
+mod maps;
+mod packet;
+mod parse;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use nat_common::stats::{Action, Reason};
+
+/// Entry point attached to each NAT interface.
+#[xdp]
+pub fn xdp_nat(ctx: XdpContext) -> u32 {
+    let reason = match dnat::try_translate(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::count_reason(reason);
+    action_for(reason)
+}
+
+#[inline(always)]
+fn action_for(reason: Reason) -> u32 {
+    match reason.action() {
+        Action::Translated | Action::Pass => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never executed.
+    loop {}
+}
+
+/// The kernel only loads programs that declare a GPL-compatible licence when they use
+/// GPL-only helpers (the FIB lookup the forwarding stage needs is one).
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,50 @@
+//! Counter updates. Per-CPU maps need no atomics: each CPU owns its slot.
+
+use aya_ebpf::programs::XdpContext;
+use aya_log_ebpf::error;
+use nat_common::stats::Reason;
+
+use crate::maps::{REASON_COUNTERS, RULE_COUNTERS};
+
+/// Counts one packet leaving by `reason`.
+#[inline(always)]
+pub fn count_reason(reason: Reason) {
+    if let Some(c) = REASON_COUNTERS.get_ptr_mut(reason as u32) {
+        // SAFETY: the pointer comes from a successful per-CPU lookup and is only used on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Direction of a translation, for the per-rule counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Towards the backend (destination rewritten).
+    Original,
+    /// From the backend (source rewritten).
+    Reply,
+}
+
+/// Adds one packet of `bytes` to rule slot `index`.
+#[inline(always)]
+pub fn count_rule(ctx: &XdpContext, index: u32, direction: Direction, bytes: u64) {
+    let Some(c) = RULE_COUNTERS.get_ptr_mut(index) else {
+        // Only an agent bug (a slot beyond the map) gets here; worth a log line, not a branch
+        // per packet in the metrics.
+        error!(ctx, "rule counter slot {} out of range", index);
+        return;
+    };
+    {
+        // SAFETY: as in `count_reason`.
+        let c = unsafe { &mut *c };
+        match direction {
+            Direction::Original => {
+                c.orig_packets += 1;
+                c.orig_bytes += bytes;
+            }
+            Direction::Reply => {
+                c.reply_packets += 1;
+                c.reply_bytes += bytes;
+            }
+        }
+    }
+}
