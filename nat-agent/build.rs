@@ -29,7 +29,9 @@ const LEAKED_ENV: &[&str] = &[
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets this"));
-    let root = manifest_dir.parent().expect("nat-agent lives in the workspace");
+    let root = manifest_dir
+        .parent()
+        .expect("nat-agent lives in the workspace");
     let ebpf_dir = root.join("nat-ebpf");
     let common_dir = root.join("nat-common");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets this"));

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ipnet::Ipv4Net;
-use nat_common::rules::{NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT};
+use nat_common::rules::{
+    NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT,
+};
 
 use crate::model::{DnatRule, PortRange, Problem};
 
@@ -25,7 +27,10 @@ pub struct CompiledDnat {
 
 /// Compiles `rules`. Rule ids keep the counter slot they had in `previous` (so counters carry
 /// on across reloads); new ids take the lowest free slots.
-pub fn compile(rules: &[DnatRule], previous: &BTreeMap<u32, u32>) -> Result<CompiledDnat, Vec<Problem>> {
+pub fn compile(
+    rules: &[DnatRule],
+    previous: &BTreeMap<u32, u32>,
+) -> Result<CompiledDnat, Vec<Problem>> {
     let slots = assign_slots(rules, previous);
     let forward = build_sets(rules, |r| r.destination, |r| forward_rule(r, slots[&r.id]))?;
     let reverse = build_sets(rules, |r| r.to_address, |r| reverse_rule(r, slots[&r.id]))?;
@@ -171,7 +176,11 @@ mod tests {
     }
 
     /// Simulates the kernel: longest prefix containing `addr`, then first match in its set.
-    fn lookup(map: &BTreeMap<Ipv4Net, NatRuleSet>, addr: [u8; 4], port: Option<u16>) -> Option<NatRule> {
+    fn lookup(
+        map: &BTreeMap<Ipv4Net, NatRuleSet>,
+        addr: [u8; 4],
+        port: Option<u16>,
+    ) -> Option<NatRule> {
         let a = std::net::Ipv4Addr::from(addr);
         let (_, set) = map
             .iter()
@@ -186,12 +195,21 @@ mod tests {
     #[test]
     fn covering_prefix_rules_are_inherited_in_order() {
         let rules = vec![
-            rule(1, "198.18.100.10/32", Some((80, 80)), "198.18.1.2/32", Some(8080)),
+            rule(
+                1,
+                "198.18.100.10/32",
+                Some((80, 80)),
+                "198.18.1.2/32",
+                Some(8080),
+            ),
             rule(2, "198.18.100.0/24", None, "198.18.9.0/24", None),
         ];
         let c = compile(&rules, &BTreeMap::new()).unwrap();
         let hit = lookup(&c.forward, [198, 18, 100, 10], Some(80)).unwrap();
-        assert_eq!((hit.to_addr, hit.translate_port(80)), ([198, 18, 1, 2], 8080));
+        assert_eq!(
+            (hit.to_addr, hit.translate_port(80)),
+            ([198, 18, 1, 2], 8080)
+        );
         // Port 81 on the /32 falls through to the /24 NETMAP rule.
         let hit = lookup(&c.forward, [198, 18, 100, 10], Some(81)).unwrap();
         assert_eq!(hit.translate_addr([198, 18, 100, 10]), [198, 18, 9, 10]);
@@ -200,7 +218,13 @@ mod tests {
 
     #[test]
     fn reverse_restores_vip_and_port() {
-        let rules = vec![rule(7, "198.18.100.11/32", Some((22, 22)), "198.18.1.3/32", Some(80))];
+        let rules = vec![rule(
+            7,
+            "198.18.100.11/32",
+            Some((22, 22)),
+            "198.18.1.3/32",
+            Some(80),
+        )];
         let c = compile(&rules, &BTreeMap::new()).unwrap();
         let back = lookup(&c.reverse, [198, 18, 1, 3], Some(80)).unwrap();
         assert_eq!(back.translate_addr([198, 18, 1, 3]), [198, 18, 100, 11]);
@@ -222,7 +246,15 @@ mod tests {
     #[test]
     fn too_many_rules_for_one_address_is_reported() {
         let rules: Vec<_> = (0..17u16)
-            .map(|i| rule(u32::from(i) + 1, "198.18.100.10/32", Some((1000 + i, 1000 + i)), &format!("198.18.1.{}/32", i + 1), None))
+            .map(|i| {
+                rule(
+                    u32::from(i) + 1,
+                    "198.18.100.10/32",
+                    Some((1000 + i, 1000 + i)),
+                    &format!("198.18.1.{}/32", i + 1),
+                    None,
+                )
+            })
             .collect();
         let err = compile(&rules, &BTreeMap::new()).unwrap_err();
         assert!(err[0].message.contains("17 rules"), "{err:?}");

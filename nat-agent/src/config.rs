@@ -108,8 +108,10 @@ impl ConfigFile {
     /// Reads and parses `path`.
     pub fn read(path: &Path) -> Result<Self, ReadError> {
         let file = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ReadError::Io { file: file.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ReadError::Io {
+            file: file.clone(),
+            source,
+        })?;
         Self::parse(&file, &text)
     }
 
@@ -126,7 +128,12 @@ impl ConfigFile {
             ReadError::Parse {
                 file: file.to_string(),
                 location,
-                message: e.message().lines().next().unwrap_or("invalid TOML").to_string(),
+                message: e
+                    .message()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid TOML")
+                    .to_string(),
             }
         })
     }
@@ -169,9 +176,13 @@ to_port = 9000
 
     #[test]
     fn unknown_field_is_located() {
-        let err = ConfigFile::parse("t.toml", "[[dnat]]\nid = 1\ndestnation = \"x\"\n").unwrap_err();
+        let err =
+            ConfigFile::parse("t.toml", "[[dnat]]\nid = 1\ndestnation = \"x\"\n").unwrap_err();
         let msg = err.to_string();
-        assert!(msg.starts_with("t.toml: line 3, column 1: unknown field `destnation`"), "{msg}");
+        assert!(
+            msg.starts_with("t.toml: line 3, column 1: unknown field `destnation`"),
+            "{msg}"
+        );
         assert_eq!(msg.lines().count(), 1);
     }
 }

@@ -31,7 +31,9 @@ pub async fn run(config_path: &Path, model: Model, compiled: CompiledDnat) -> Re
     for slot in compiled.slots.values() {
         dataplane.reset_rule_counters(*slot)?;
     }
-    dataplane.apply(&compiled).context("writing the DNAT rules into the maps")?;
+    dataplane
+        .apply(&compiled)
+        .context("writing the DNAT rules into the maps")?;
     dataplane
         .attach_all(&model.interfaces)
         .context("attaching the XDP program")?;
@@ -126,12 +128,20 @@ async fn start_metrics(
 async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
     let (tx, rx) = oneshot::channel();
     if state.dataplane.send(Request::Scrape(tx)).await.is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_string());
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_string(),
+        );
     }
     let view = match rx.await {
         Ok(Ok(view)) => view,
         Ok(Err(e)) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")),
-        Err(_) => return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".to_string()),
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting down\n".to_string(),
+            )
+        }
     };
     let metrics = state.metrics.lock().await;
     match metrics.render(&view) {

@@ -25,7 +25,8 @@ use crate::{
 };
 
 /// The XDP object built by `build.rs` from `nat-ebpf`.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat-ebpf.o"));
 
 /// Which of the two DNAT tries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,10 @@ pub trait RuleTables {
 /// Brings the tries to `desired`: writes every desired set (an in-place replace is atomic per
 /// prefix in the kernel) and then removes prefixes no longer wanted.
 pub fn reconcile(tables: &mut impl RuleTables, desired: &CompiledDnat) -> Result<()> {
-    for (table, sets) in [(Table::Forward, &desired.forward), (Table::Reverse, &desired.reverse)] {
+    for (table, sets) in [
+        (Table::Forward, &desired.forward),
+        (Table::Reverse, &desired.reverse),
+    ] {
         for (prefix, set) in sets {
             tables.put(table, *prefix, set)?;
         }
@@ -111,7 +115,9 @@ impl Dataplane {
                     Ok(mut fd) => {
                         tokio::spawn(async move {
                             loop {
-                                let Ok(mut guard) = fd.readable_mut().await else { break };
+                                let Ok(mut guard) = fd.readable_mut().await else {
+                                    break;
+                                };
                                 guard.get_inner_mut().flush();
                                 guard.clear_ready();
                             }
@@ -170,9 +176,14 @@ impl Dataplane {
                 Ok(link) => (link, XdpMode::Native),
                 Err(native_err) => {
                     warn!(interface = %iface.name, error = %native_err, "native XDP refused; falling back to generic mode");
-                    let link = program.attach(&iface.name, AyaXdpMode::Skb).with_context(|| {
-                        format!("attaching to {} (native: {native_err}; generic)", iface.name)
-                    })?;
+                    let link = program
+                        .attach(&iface.name, AyaXdpMode::Skb)
+                        .with_context(|| {
+                            format!(
+                                "attaching to {} (native: {native_err}; generic)",
+                                iface.name
+                            )
+                        })?;
                     (link, XdpMode::Generic)
                 }
             },
@@ -189,11 +200,7 @@ impl Dataplane {
 
     /// Detaches from every interface (logged, never fails: used on shutdown and error paths).
     pub fn detach_all(&mut self) {
-        let Some(Ok(program)) = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .map(<&mut Xdp>::try_from)
-        else {
+        let Some(Ok(program)) = self.ebpf.program_mut(XDP_PROGRAM).map(<&mut Xdp>::try_from) else {
             return;
         };
         for (name, _, link) in self.attached.drain(..) {
@@ -206,7 +213,12 @@ impl Dataplane {
 
     /// Writes the compiled rules into the tries.
     pub fn apply(&mut self, compiled: &CompiledDnat) -> Result<()> {
-        reconcile(&mut KernelTables { ebpf: &mut self.ebpf }, compiled)
+        reconcile(
+            &mut KernelTables {
+                ebpf: &mut self.ebpf,
+            },
+            compiled,
+        )
     }
 
     /// Reads all counters.
@@ -252,7 +264,9 @@ impl Dataplane {
                 .map_mut(RULE_COUNTERS)
                 .ok_or_else(|| anyhow!("missing map {RULE_COUNTERS}"))?,
         )?;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
         let zeros = aya::maps::PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
         map.set(slot, zeros, 0)
             .with_context(|| format!("zeroing {RULE_COUNTERS}[{slot}]"))
@@ -298,7 +312,8 @@ impl RuleTables for KernelTables<'_> {
         trie.keys()
             .map(|k| {
                 let k = k.with_context(|| format!("listing {name}"))?;
-                Ipv4Net::new(k.data().into(), k.prefix_len() as u8).context("bad prefix length in trie")
+                Ipv4Net::new(k.data().into(), k.prefix_len() as u8)
+                    .context("bad prefix length in trie")
             })
             .collect()
     }
@@ -366,7 +381,9 @@ mod tests {
             ..Default::default()
         };
         desired.forward.insert(p, set);
-        desired.reverse.insert("198.18.1.2/32".parse().unwrap(), set);
+        desired
+            .reverse
+            .insert("198.18.1.2/32".parse().unwrap(), set);
         reconcile(&mut tables, &desired).unwrap();
         assert_eq!(tables.forward, desired.forward);
         assert_eq!(tables.reverse, desired.reverse);

@@ -85,7 +85,8 @@ fn config_error(message: &str) -> ExitCode {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("NAT_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("NAT_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // `init` also bridges the `log` crate (aya-log's output) into tracing.
     tracing_subscriber::fmt()
         .with_env_filter(filter)

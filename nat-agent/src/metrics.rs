@@ -96,7 +96,12 @@ impl Metrics {
     pub fn render(&self, view: &ScrapeView) -> Result<String> {
         self.packets.reset();
         for reason in Reason::ALL {
-            let value = view.stats.reasons.get(reason as usize).copied().unwrap_or(0);
+            let value = view
+                .stats
+                .reasons
+                .get(reason as usize)
+                .copied()
+                .unwrap_or(0);
             self.packets
                 .with_label_values(&[reason.name(), reason.action().name()])
                 .inc_by(value);
@@ -118,7 +123,9 @@ impl Metrics {
             }
         }
         self.rules.reset();
-        self.rules.with_label_values(&["dnat"]).set(view.rules.len() as i64);
+        self.rules
+            .with_label_values(&["dnat"])
+            .set(view.rules.len() as i64);
         self.attached.reset();
         for (iface, mode) in &view.attachments {
             self.attached
@@ -161,7 +168,10 @@ mod tests {
             },
         );
         let text = m.render(&view).unwrap();
-        assert!(text.contains("xdpnat_packets_total{action=\"pass\",reason=\"no_match\"} 42"), "{text}");
+        assert!(
+            text.contains("xdpnat_packets_total{action=\"pass\",reason=\"no_match\"} 42"),
+            "{text}"
+        );
         assert!(text.contains("xdpnat_rule_packets_total{direction=\"original\",rule=\"web\"} 5"));
         assert!(text.contains("xdpnat_rule_bytes_total{direction=\"reply\",rule=\"web\"} 400"));
         assert!(text.contains("xdpnat_interface_attached{interface=\"n0\",mode=\"native\"} 1"));

@@ -200,7 +200,10 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
         problems.push(Problem {
             place: "[[dnat]]".into(),
             field: None,
-            message: format!("{} rules; at most {MAX_RULES} are supported", config.dnat.len()),
+            message: format!(
+                "{} rules; at most {MAX_RULES} are supported",
+                config.dnat.len()
+            ),
         });
     }
     check_reverse_ambiguity(&dnat, &mut problems);
@@ -224,7 +227,8 @@ fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) 
         problems.push(Problem {
             place: "[[interfaces]]".into(),
             field: None,
-            message: "no interface to attach to; add at least one [[interfaces]] with a name".into(),
+            message: "no interface to attach to; add at least one [[interfaces]] with a name"
+                .into(),
         });
     }
     let mut seen = HashSet::new();
@@ -323,14 +327,20 @@ fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Op
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) =>
         {
-            problem("name", format!("{n:?}: use letters, digits, '-', '_' and '.' only"));
+            problem(
+                "name",
+                format!("{n:?}: use letters, digits, '-', '_' and '.' only"),
+            );
             None
         }
         Some(n) => Some(n.clone()),
     };
     let destination = match &e.destination {
         None => {
-            problem("destination", "missing; the VIP address or prefix to match".into());
+            problem(
+                "destination",
+                "missing; the VIP address or prefix to match".into(),
+            );
             None
         }
         Some(s) => parse_prefix(s).map_err(|m| problem("destination", m)).ok(),
@@ -360,7 +370,10 @@ fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Op
     }
     let to_address = match &e.to_address {
         None => {
-            problem("to_address", "missing; the backend address or prefix".into());
+            problem(
+                "to_address",
+                "missing; the backend address or prefix".into(),
+            );
             None
         }
         Some(s) => parse_prefix(s).map_err(|m| problem("to_address", m)).ok(),

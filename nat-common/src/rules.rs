@@ -120,6 +120,25 @@ pub enum SetMatch {
 }
 
 impl NatRuleSet {
+    /// Whether some rule for `proto` needs the port to decide, so the L4 header must be read
+    /// before [`NatRuleSet::find`]. Packets no port rule is interested in are never required
+    /// to carry a complete L4 header.
+    #[inline(always)]
+    pub fn needs_port_for(&self, proto: u8) -> bool {
+        let mut i = 0;
+        while i < MAX_RULES_PER_SET {
+            if i as u32 >= self.len {
+                break;
+            }
+            let rule = &self.rules[i];
+            if rule.matches_proto(proto) && rule.needs_port() {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
     /// Finds the first rule that applies to `proto` and `port`. `port` is `None` when the packet
     /// has no L4 ports to look at: a later fragment, or a protocol without ports.
     #[inline(always)]
@@ -216,6 +235,14 @@ mod tests {
         // ... but a UDP fragment skips the TCP rule by protocol and reaches the 1:1 rule.
         assert_eq!(s.find(17, None), SetMatch::Rule(1));
         assert_eq!(set(&[tcp80]).find(17, Some(80)), SetMatch::None);
+    }
+
+    #[test]
+    fn needs_port_only_for_protocols_a_port_rule_names() {
+        let s = set(&[port_rule(6, 80, 80, 8080)]);
+        assert!(s.needs_port_for(6));
+        assert!(!s.needs_port_for(17));
+        assert!(!s.needs_port_for(1));
     }
 
     #[test]

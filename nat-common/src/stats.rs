@@ -89,9 +89,7 @@ impl Reason {
             Reason::DnatTranslated | Reason::DnatReplyTranslated => Action::Translated,
             // Malformed IPv4 and a cut-short L4 header the kernel would drop too; dropping here
             // makes sure nothing downstream sees a half-parsed packet.
-            Reason::MalformedIpv4 | Reason::TruncatedL4 | Reason::TruncatedEthernet => {
-                Action::Drop
-            }
+            Reason::MalformedIpv4 | Reason::TruncatedL4 | Reason::TruncatedEthernet => Action::Drop,
             Reason::NotIpv4
             | Reason::NoMatch
             | Reason::FragmentUnmatched

@@ -43,15 +43,19 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     Err(Reason::NoMatch)
 }
 
-/// The L4 facts rule matching needs: the port on the rewritten side, when the packet has one.
+/// The port on the rewritten side, read only when some rule for this protocol needs it.
 #[inline(always)]
-fn l4_port(ctx: &XdpContext, pkt: &Ipv4Packet, side: Side) -> Result<Option<u16>, Reason> {
+fn l4_port(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    set: &NatRuleSet,
+    side: Side,
+) -> Result<Option<u16>, Reason> {
     // Every fragment of a datagram must be translated alike, and later fragments carry no
     // ports: so for fragments nothing may depend on ports (see SetMatch::NeedsPorts).
-    if pkt.info.is_fragment {
+    if pkt.info.is_fragment || !set.needs_port_for(pkt.proto) {
         return Ok(None);
     }
-    let l4 = pkt.l4_offset();
     match pkt.proto {
         proto::TCP => {
             let tcp: *const TcpHdr = l4_header(ctx, pkt)?;
@@ -71,16 +75,24 @@ fn l4_port(ctx: &XdpContext, pkt: &Ipv4Packet, side: Side) -> Result<Option<u16>
                 Side::Source => udp.src,
             })))
         }
-        proto::ICMP => {
-            let icmp: *const Icmpv4Hdr = ptr_at(ctx, l4).map_err(|_| Reason::TruncatedL4)?;
-            // SAFETY: bounds-checked by ptr_at.
-            if icmp_is_error(unsafe { (*icmp).type_ }) {
-                return Err(Reason::IcmpErrorPassed);
-            }
-            Ok(None)
-        }
+        // Port rules only name TCP or UDP (validated by the agent).
         _ => Ok(None),
     }
+}
+
+/// ICMP errors quote another packet's header; rewriting only the outer header would leave the
+/// quote inconsistent, so until they are translated properly they go to the kernel untouched.
+#[inline(always)]
+fn refuse_icmp_error(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<(), Reason> {
+    if pkt.proto != proto::ICMP || pkt.info.is_later_fragment {
+        return Ok(());
+    }
+    let icmp: *const Icmpv4Hdr = l4_header(ctx, pkt)?;
+    // SAFETY: bounds-checked by l4_header.
+    if icmp_is_error(unsafe { (*icmp).type_ }) {
+        return Err(Reason::IcmpErrorPassed);
+    }
+    Ok(())
 }
 
 /// Pointer to the L4 header `T`, which must lie inside both the frame and the datagram's
@@ -101,7 +113,7 @@ fn apply_set(
     set: &NatRuleSet,
     side: Side,
 ) -> Result<bool, Reason> {
-    let port = l4_port(ctx, pkt, side)?;
+    let port = l4_port(ctx, pkt, set, side)?;
     let index = match set.find(pkt.proto, port) {
         SetMatch::None => return Ok(false),
         SetMatch::NeedsPorts => return Err(Reason::FragmentUnmatched),
@@ -114,6 +126,7 @@ fn apply_set(
     if pkt.proto == proto::DCCP || pkt.proto == proto::UDPLITE {
         return Err(Reason::ProtoUnsupported);
     }
+    refuse_icmp_error(ctx, pkt)?;
     rewrite(ctx, pkt, rule, side)?;
     let direction = match side {
         Side::Destination => Direction::Original,
@@ -148,7 +161,8 @@ fn rewrite(ctx: &XdpContext, pkt: &Ipv4Packet, rule: &NatRule, side: Side) -> Re
         Side::Destination => ip.dst_addr = new_addr,
         Side::Source => ip.src_addr = new_addr,
     }
-    ip.check = checksum::update_addr(u16::from_be_bytes(ip.check), old_addr, new_addr).to_be_bytes();
+    ip.check =
+        checksum::update_addr(u16::from_be_bytes(ip.check), old_addr, new_addr).to_be_bytes();
 
     if !l4_present {
         return Ok(());
@@ -158,7 +172,8 @@ fn rewrite(ctx: &XdpContext, pkt: &Ipv4Packet, rule: &NatRule, side: Side) -> Re
             let tcp: *mut TcpHdr = l4_header(ctx, pkt)?;
             // SAFETY: bounds-checked by l4_header.
             let tcp = unsafe { &mut *tcp };
-            let mut check = checksum::update_addr(u16::from_be_bytes(tcp.check), old_addr, new_addr);
+            let mut check =
+                checksum::update_addr(u16::from_be_bytes(tcp.check), old_addr, new_addr);
             let port = match side {
                 Side::Destination => &mut tcp.dest,
                 Side::Source => &mut tcp.source,
@@ -194,4 +209,3 @@ fn rewrite(ctx: &XdpContext, pkt: &Ipv4Packet, rule: &NatRule, side: Side) -> Re
     }
     Ok(())
 }
-

@@ -1,0 +1,302 @@
+//! BPF_PROG_TEST_RUN harness: the real XDP object, loaded into the kernel with maps filled
+//! from a TOML config by the agent's own validate + compile + apply path.
+//!
+//! Every [`Fixture`] owns its own loaded program and therefore its own maps, so tests running
+//! in parallel threads never see each other's counters. Counters are compared as deltas
+//! around each run, so several checks can share one fixture.
+
+use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use nat_agent::{
+    compile::{compile, CompiledDnat},
+    config::ConfigFile,
+    dataplane::{Dataplane, StatsSnapshot},
+    model::{validate, Model},
+};
+use nat_common::stats::{Reason, RuleCounters};
+
+use super::packet::{assert_frames_eq, hex, verify_checksums, L4Check};
+
+/// `XDP_DROP` (uapi `enum xdp_action`).
+pub const XDP_DROP: u32 = 1;
+/// `XDP_PASS`.
+pub const XDP_PASS: u32 = 2;
+
+/// Name the fixture configs are validated under (appears in validation errors).
+const FIXTURE_FILE: &str = "fixture.toml";
+
+/// Which per-rule counters a translation bumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Towards the backend: `orig_packets` / `orig_bytes`, reason `DnatTranslated`.
+    Original,
+    /// A reply from the backend: `reply_packets` / `reply_bytes`, reason `DnatReplyTranslated`.
+    Reply,
+}
+
+/// What one run must produce.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    /// XDP action.
+    pub action: u32,
+    /// The one reason counter that must go up by one (all others stay).
+    pub reason: Reason,
+    /// The exact output frame.
+    pub output: Vec<u8>,
+    /// The rule (by config name) whose counters must count this frame; every other rule's
+    /// counters must stay.
+    pub rule: Option<(&'static str, Dir)>,
+}
+
+impl Expect {
+    /// Translated towards the backend by rule `rule` into exactly `expected`.
+    pub fn forward(rule: &'static str, expected: Vec<u8>) -> Self {
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::DnatTranslated,
+            output: expected,
+            rule: Some((rule, Dir::Original)),
+        }
+    }
+
+    /// A reply translated back to the VIP by rule `rule` into exactly `expected`.
+    pub fn reply(rule: &'static str, expected: Vec<u8>) -> Self {
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::DnatReplyTranslated,
+            output: expected,
+            rule: Some((rule, Dir::Reply)),
+        }
+    }
+
+    /// Passed to the kernel byte for byte as it came in.
+    pub fn pass_unchanged(reason: Reason, input: &[u8]) -> Self {
+        Expect {
+            action: XDP_PASS,
+            reason,
+            output: input.to_vec(),
+            rule: None,
+        }
+    }
+
+    /// Dropped; the frame the program leaves behind must still be the input (a drop must never
+    /// follow a partial rewrite).
+    pub fn drop_unchanged(reason: Reason, input: &[u8]) -> Self {
+        Expect {
+            action: XDP_DROP,
+            reason,
+            output: input.to_vec(),
+            rule: None,
+        }
+    }
+}
+
+/// What one run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// XDP action returned by the program.
+    pub action: u32,
+    /// The frame after the program (what the kernel would pass on).
+    pub frame: Vec<u8>,
+}
+
+/// What [`Fixture::check`] saw, for checks that span several frames (fragments).
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The output frame (already compared with the expected one).
+    pub frame: Vec<u8>,
+    /// For translations, what the from-scratch L4 checksum check found.
+    pub l4: Option<L4Check>,
+}
+
+/// The loaded program with its maps filled from one config.
+pub struct Fixture {
+    dataplane: Dataplane,
+    /// The validated config.
+    pub model: Model,
+    /// What was written into the maps.
+    pub compiled: CompiledDnat,
+}
+
+impl Fixture {
+    /// Validates and compiles `config_toml` like `nat-agent run` does, loads the XDP object and
+    /// fills its maps. Panics (never skips) when BPF cannot be loaded: these tests exist to run
+    /// the real program, and a silent skip would hide that they did not.
+    pub fn load(config_toml: &str) -> Fixture {
+        let raw = ConfigFile::parse(FIXTURE_FILE, config_toml)
+            .unwrap_or_else(|e| panic!("fixture config does not parse: {e}"));
+        let model = validate(FIXTURE_FILE, &raw)
+            .unwrap_or_else(|e| panic!("fixture config does not validate:\n{e}"));
+        let compiled = compile(&model.dnat, &Default::default())
+            .unwrap_or_else(|p| panic!("fixture config does not compile: {p:?}"));
+        let mut dataplane = Dataplane::load().unwrap_or_else(|e| {
+            panic!(
+                "cannot load the XDP program: {e:#}\n\
+                 These tests run the real program through BPF_PROG_TEST_RUN and need root \
+                 (CAP_BPF, CAP_NET_ADMIN); they fail rather than skip."
+            )
+        });
+        dataplane
+            .apply(&compiled)
+            .unwrap_or_else(|e| panic!("writing the compiled rules into the maps: {e:#}"));
+        Fixture {
+            dataplane,
+            model,
+            compiled,
+        }
+    }
+
+    /// The counter slot of the rule named `name` in the config.
+    pub fn slot(&self, name: &str) -> u32 {
+        let rule = self
+            .model
+            .dnat
+            .iter()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("fixture bug: no rule named {name:?}"));
+        self.compiled.slots[&rule.id]
+    }
+
+    /// Reads every reason counter and every rule's counters.
+    pub fn counters(&self) -> StatsSnapshot {
+        self.dataplane
+            .snapshot(self.compiled.slots.values().copied())
+            .unwrap_or_else(|e| panic!("reading the counters: {e:#}"))
+    }
+
+    /// Runs the program once on `frame` (BPF_PROG_TEST_RUN). `Err` is the kernel refusing the
+    /// run, not the program's verdict.
+    pub fn try_run(&self, frame: &[u8]) -> Result<RunOutput, ProgramError> {
+        let program = self
+            .dataplane
+            .program()
+            .unwrap_or_else(|e| panic!("the loaded object has no XDP program: {e:#}"));
+        // Room for growth although the program never changes the frame size: the kernel fails
+        // the run with ENOSPC rather than truncate silently, which would be a clear message.
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutput {
+            action: result.return_value,
+            frame: out,
+        })
+    }
+
+    /// Runs the program once on `frame`; panics if the kernel refuses the run.
+    pub fn run(&self, frame: &[u8]) -> RunOutput {
+        self.try_run(frame).unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN failed for a {}-byte frame: {e:#?}\n  frame: {}",
+                frame.len(),
+                hex(frame)
+            )
+        })
+    }
+
+    /// Runs `input` and checks everything in `expect`: action, exact output bytes, the reason
+    /// counter (exactly one, by one) and the rule counters (exactly the named rule, one packet
+    /// of the frame's length, in the named direction). For a translation it also recomputes the
+    /// output's IP and L4 checksums from scratch and reports what the L4 check found.
+    pub fn check(&self, what: &str, input: &[u8], expect: &Expect) -> Checked {
+        let before = self.counters();
+        let out = self.run(input);
+        let after = self.counters();
+
+        assert_eq!(
+            (action_name(out.action), out.action),
+            (action_name(expect.action), expect.action),
+            "{what}: XDP action (expected exit reason {:?}); reason counter deltas: {:?}",
+            expect.reason,
+            reason_deltas(&before, &after)
+        );
+        // The reason first: it names the path the program took, the most telling message.
+        self.assert_reason_delta(what, &before, &after, expect.reason);
+        assert_frames_eq(&out.frame, &expect.output, what);
+        self.assert_rule_deltas(what, &before, &after, expect.rule, input.len() as u64);
+
+        // Separately from the byte comparison: a translated frame must be internally
+        // consistent, whatever the expected frame says.
+        let l4 = expect.rule.map(|_| {
+            verify_checksums(&out.frame)
+                .unwrap_or_else(|e| panic!("{what}: translated frame has a bad checksum: {e}"))
+        });
+        Checked {
+            frame: out.frame,
+            l4,
+        }
+    }
+
+    fn assert_reason_delta(
+        &self,
+        what: &str,
+        before: &StatsSnapshot,
+        after: &StatsSnapshot,
+        expected: Reason,
+    ) {
+        let deltas = reason_deltas(before, after);
+        let want: Vec<(Reason, u64)> = vec![(expected, 1)];
+        assert_eq!(deltas, want, "{what}: reason counters that changed");
+    }
+
+    fn assert_rule_deltas(
+        &self,
+        what: &str,
+        before: &StatsSnapshot,
+        after: &StatsSnapshot,
+        rule: Option<(&'static str, Dir)>,
+        frame_len: u64,
+    ) {
+        for r in &self.model.dnat {
+            let slot = self.compiled.slots[&r.id];
+            let b = before.rules.get(&slot).copied().unwrap_or_default();
+            let a = after.rules.get(&slot).copied().unwrap_or_default();
+            let delta = RuleCounters {
+                orig_packets: a.orig_packets - b.orig_packets,
+                orig_bytes: a.orig_bytes - b.orig_bytes,
+                reply_packets: a.reply_packets - b.reply_packets,
+                reply_bytes: a.reply_bytes - b.reply_bytes,
+            };
+            let want = match rule {
+                Some((name, Dir::Original)) if name == r.name => RuleCounters {
+                    orig_packets: 1,
+                    orig_bytes: frame_len,
+                    ..Default::default()
+                },
+                Some((name, Dir::Reply)) if name == r.name => RuleCounters {
+                    reply_packets: 1,
+                    reply_bytes: frame_len,
+                    ..Default::default()
+                },
+                _ => RuleCounters::default(),
+            };
+            assert_eq!(
+                delta, want,
+                "{what}: counters of rule {:?} (slot {slot})",
+                r.name
+            );
+        }
+    }
+}
+
+/// The reasons whose counters changed between two snapshots, with the change.
+fn reason_deltas(before: &StatsSnapshot, after: &StatsSnapshot) -> Vec<(Reason, u64)> {
+    Reason::ALL
+        .iter()
+        .map(|&r| (r, after.reasons[r as usize] - before.reasons[r as usize]))
+        .filter(|&(_, d)| d != 0)
+        .collect()
+}
+
+fn action_name(action: u32) -> &'static str {
+    match action {
+        0 => "XDP_ABORTED",
+        XDP_DROP => "XDP_DROP",
+        XDP_PASS => "XDP_PASS",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "unknown",
+    }
+}

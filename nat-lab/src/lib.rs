@@ -1,0 +1,32 @@
+//! Network-namespace labs for the XDP NAT: end-to-end tests, the `cargo xtask lab` demo and
+//! benchmarks build their hosts from these pieces.
+//!
+//! Everything here runs as root and only ever touches namespaces it created itself:
+//! - [`netns`]: the [`Netns`] guard (unique names, removal on drop, stale cleanup) and
+//!   [`in_netns`] to run Rust code (sockets) inside a namespace;
+//! - [`process`]: bounded command execution and [`ChildGuard`] for long-running processes;
+//! - [`topology`]: [`DnatLab`], the client — nat — backend topology;
+//! - [`http_echo`] and [`udp_echo`]: servers that tell who talked to whom, and clients for them;
+//! - [`nft`]: nftables packet counters used as ground truth for the NAT's own counters;
+//! - [`tools`]: checks that the external tools exist, so tests fail loudly instead of skipping.
+//!
+//! No traffic leaves the namespaces: the lab uses 198.18.0.0/15 (RFC 2544) for its networks
+//! and VIPs and has no route to anything else.
+
+pub mod http_echo;
+pub mod netns;
+pub mod nft;
+pub mod process;
+pub mod tools;
+pub mod topology;
+pub mod udp_echo;
+
+pub use http_echo::{http_get, wait_tcp_ports, EchoReply, HttpEcho};
+pub use netns::{cleanup_stale, in_netns, remove_namespace, Netns};
+pub use nft::{install_counter, read_counter, CounterReading, Hook};
+pub use process::{
+    run, run_in, spawn, wait_until, wait_until_ok, Check, ChildGuard, ChildOutput, SpawnOptions,
+};
+pub use tools::{require_root, require_tools, LAB_TOOLS};
+pub use topology::DnatLab;
+pub use udp_echo::{udp_exchange, udp_exchange_from, UdpEcho, UdpExchange};
