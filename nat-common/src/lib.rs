@@ -8,6 +8,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod checksum;
+pub mod conntrack;
 pub mod ipv4;
 pub mod maps;
 pub mod rules;

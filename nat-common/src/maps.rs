@@ -14,5 +14,40 @@ pub const MAX_DNAT_PREFIXES: u32 = 16_384;
 /// Rule counter slots: the most rules a config may have.
 pub const MAX_RULES: u32 = 4_096;
 
-/// The XDP program's name in the object.
+/// The XDP program's name in the object: the one attached to interfaces.
 pub const XDP_PROGRAM: &str = "xdp_nat";
+/// The XDP program that creates sessions, reached from [`XDP_PROGRAM`] by tail call. Split off
+/// so each program stays within the verifier's complexity limit, and so the established-flow
+/// path carries none of the allocation code.
+pub const XDP_NEW_FLOW_PROGRAM: &str = "xdp_nat_new_flow";
+/// The XDP program that evaluates the rules for packets that may start a session (stateful
+/// DNAT, DNAT with an SNAT check, SNAT), reached from [`XDP_PROGRAM`] by tail call.
+pub const XDP_RULES_PROGRAM: &str = "xdp_nat_rules";
+/// Program array the agent fills: slot [`NEW_FLOW_SLOT`] holds [`XDP_NEW_FLOW_PROGRAM`], slot
+/// [`RULES_SLOT`] holds [`XDP_RULES_PROGRAM`].
+pub const PROGRAMS: &str = "PROGRAMS";
+/// Slot of the new-flow program in [`PROGRAMS`].
+pub const NEW_FLOW_SLOT: u32 = 0;
+/// Slot of the rules program in [`PROGRAMS`].
+pub const RULES_SLOT: u32 = 1;
+
+/// Hash, key: original-direction [`crate::conntrack::FlowKey`], value:
+/// [`crate::conntrack::Session`]. Capacity set by the agent (`max_sessions`).
+pub const SESSIONS: &str = "SESSIONS";
+/// Hash, key: reply-direction [`crate::conntrack::FlowKey`], value: original-direction key.
+pub const REPLIES: &str = "REPLIES";
+/// Hash, key: inside [`crate::conntrack::Endpoint`], value: [`crate::conntrack::Mapping`].
+pub const MAPPINGS: &str = "MAPPINGS";
+/// Hash, key: external [`crate::conntrack::Endpoint`], value: inside endpoint (port claims).
+pub const BINDINGS: &str = "BINDINGS";
+/// LPM trie, key: source prefix, value: [`crate::conntrack::SnatRuleSet`].
+pub const SNAT_RULES: &str = "SNAT_RULES";
+/// Array indexed by pool id, value: [`crate::conntrack::Pool`].
+pub const SNAT_POOLS: &str = "SNAT_POOLS";
+
+/// Default capacity of the session table (and of the mapping and binding tables).
+pub const DEFAULT_MAX_SESSIONS: u32 = 262_144;
+/// Most distinct SNAT source prefixes.
+pub const MAX_SNAT_PREFIXES: u32 = 4_096;
+/// Most SNAT pools (one per SNAT rule).
+pub const MAX_POOLS: u32 = 1_024;

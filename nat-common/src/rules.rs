@@ -22,6 +22,15 @@ pub const RULE_MATCH_PORT: u8 = 1 << 0;
 /// [`NatRule::flags`]: the rule rewrites the port to `to_port_min + (port - port_min)`.
 pub const RULE_REWRITE_PORT: u8 = 1 << 1;
 
+/// [`NatRule::flags`] (forward table only): every flow of this rule gets a session, because its
+/// reverse cannot be derived statelessly (several VIPs onto one backend endpoint). Such rules
+/// are absent from the reverse table.
+pub const RULE_STATEFUL: u8 = 1 << 2;
+/// [`NatRule::flags`] (forward table only): after the destination is translated, the SNAT rules
+/// are consulted too; if one applies, the flow gets a session translating both sides
+/// (DNAT + MASQUERADE, scenario 3). Set by the agent when SNAT rules exist.
+pub const RULE_SNAT_CHECK: u8 = 1 << 3;
+
 /// One translation, as stored in a [`NatRuleSet`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,6 +62,18 @@ impl NatRule {
     #[inline(always)]
     pub const fn needs_port(&self) -> bool {
         self.flags & (RULE_MATCH_PORT | RULE_REWRITE_PORT) != 0
+    }
+
+    /// Whether a flow of this rule may need a session (so the rules program must decide).
+    #[inline(always)]
+    pub const fn may_need_session(&self) -> bool {
+        self.flags & (RULE_STATEFUL | RULE_SNAT_CHECK) != 0
+    }
+
+    /// Whether flows of this rule always get a session.
+    #[inline(always)]
+    pub const fn is_stateful(&self) -> bool {
+        self.flags & RULE_STATEFUL != 0
     }
 
     /// Whether the rule applies to protocol `proto`. Port rules are validated by the agent to

@@ -34,6 +34,31 @@ pub enum Reason {
     /// A protocol whose checksum covers the pseudo-header but that the NAT cannot rewrite
     /// (DCCP, UDP-Lite): passed untouched rather than corrupted.
     ProtoUnsupported = 10,
+    /// First packet of a flow: a session was created and the packet translated.
+    SessionNew = 11,
+    /// Original direction translated by an existing session.
+    SessionOrig = 12,
+    /// Reply direction translated by an existing session.
+    SessionReply = 13,
+    /// An SNAT rule with `no_nat` matched: passed untouched.
+    SnatExempt = 14,
+    /// The session table is full: the new flow is refused (existing flows are unaffected).
+    TableFull = 15,
+    /// No free external port after bounded probing: the new flow is refused.
+    NoPort = 16,
+    /// The new flow's reply tuple is already taken by another session: refused.
+    SessionClash = 17,
+    /// A fragment that needs source NAT: dropped until fragments are tracked, because passing
+    /// it would leak the inside address.
+    SnatFragment = 18,
+    /// A protocol SNAT cannot translate (not TCP, UDP or ICMP echo): dropped rather than leaked.
+    SnatProtoUnsupported = 19,
+    /// A TCP RST that would start a new session: there is nothing to track, and passing it
+    /// could leak the inside address, so it is dropped.
+    RstNoSession = 20,
+    /// The new-flow program could not be reached (not installed in `PROGRAMS`): the new flow
+    /// is refused. Means the agent did not finish loading; never expected in operation.
+    NewFlowUnavailable = 21,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -49,7 +74,7 @@ pub enum Action {
 
 impl Reason {
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 22;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -64,6 +89,17 @@ impl Reason {
         Reason::IcmpErrorPassed,
         Reason::VlanStacked,
         Reason::ProtoUnsupported,
+        Reason::SessionNew,
+        Reason::SessionOrig,
+        Reason::SessionReply,
+        Reason::SnatExempt,
+        Reason::TableFull,
+        Reason::NoPort,
+        Reason::SessionClash,
+        Reason::SnatFragment,
+        Reason::SnatProtoUnsupported,
+        Reason::RstNoSession,
+        Reason::NewFlowUnavailable,
     ];
 
     /// The metrics label value.
@@ -80,13 +116,36 @@ impl Reason {
             Reason::IcmpErrorPassed => "icmp_error_passed",
             Reason::VlanStacked => "vlan_stacked",
             Reason::ProtoUnsupported => "proto_unsupported",
+            Reason::SessionNew => "session_new",
+            Reason::SessionOrig => "session_orig",
+            Reason::SessionReply => "session_reply",
+            Reason::SnatExempt => "snat_exempt",
+            Reason::TableFull => "table_full",
+            Reason::NoPort => "no_port",
+            Reason::SessionClash => "session_clash",
+            Reason::SnatFragment => "snat_fragment",
+            Reason::SnatProtoUnsupported => "snat_proto_unsupported",
+            Reason::RstNoSession => "rst_no_session",
+            Reason::NewFlowUnavailable => "new_flow_unavailable",
         }
     }
 
     /// The XDP action this exit takes.
     pub const fn action(self) -> Action {
         match self {
-            Reason::DnatTranslated | Reason::DnatReplyTranslated => Action::Translated,
+            Reason::DnatTranslated
+            | Reason::DnatReplyTranslated
+            | Reason::SessionNew
+            | Reason::SessionOrig
+            | Reason::SessionReply => Action::Translated,
+            // Refused new flows: passing them would send the inside address out untranslated.
+            Reason::TableFull
+            | Reason::NoPort
+            | Reason::SessionClash
+            | Reason::SnatFragment
+            | Reason::SnatProtoUnsupported
+            | Reason::RstNoSession
+            | Reason::NewFlowUnavailable => Action::Drop,
             // Malformed IPv4 and a cut-short L4 header the kernel would drop too; dropping here
             // makes sure nothing downstream sees a half-parsed packet.
             Reason::MalformedIpv4 | Reason::TruncatedL4 | Reason::TruncatedEthernet => Action::Drop,
@@ -95,7 +154,8 @@ impl Reason {
             | Reason::FragmentUnmatched
             | Reason::IcmpErrorPassed
             | Reason::VlanStacked
-            | Reason::ProtoUnsupported => Action::Pass,
+            | Reason::ProtoUnsupported
+            | Reason::SnatExempt => Action::Pass,
         }
     }
 }

@@ -1,16 +1,24 @@
 //! XDP NAT: the kernel half of the appliance.
 //!
 //! Every packet takes exactly one exit, named by a [`Reason`] that is counted per CPU and
-//! decides the XDP action. Translation is stateless DNAT for now: `DNAT_FORWARD` rewrites the
-//! destination of packets to a VIP, `DNAT_REVERSE` rewrites the source of the backend's replies.
-//! Translated packets go to the kernel (XDP_PASS), which forwards them.
+//! decides the XDP action. `nat` orders the stages: sessions (conntrack), DNAT rules (stateless
+//! or stateful), SNAT rules. Translated packets go to the kernel (XDP_PASS), which forwards
+//! them.
 #![no_std]
 #![no_main]
+// BPF atomics (`lock add`) are reachable only through inline assembly on this target.
+#![feature(asm_experimental_arch)]
 
+mod conntrack;
 mod dnat;
+mod fib;
 mod maps;
+mod nat;
+mod newflow;
 mod packet;
 mod parse;
+mod rewrite;
+mod snat;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
@@ -19,7 +27,27 @@ use nat_common::stats::{Action, Reason};
 /// Entry point attached to each NAT interface.
 #[xdp]
 pub fn xdp_nat(ctx: XdpContext) -> u32 {
-    let reason = match dnat::try_translate(&ctx) {
+    let reason = match nat::try_translate(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::count_reason(reason);
+    action_for(reason)
+}
+
+/// Rules that may start a session; reached only by tail call from [`xdp_nat`] (see `nat`).
+#[xdp]
+pub fn xdp_nat_rules(ctx: XdpContext) -> u32 {
+    let reason = match nat::try_rules(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::count_reason(reason);
+    action_for(reason)
+}
+
+/// Creates sessions; reached only by tail call from [`xdp_nat`] (see `newflow`).
+#[xdp]
+pub fn xdp_nat_new_flow(ctx: XdpContext) -> u32 {
+    let reason = match newflow::run(&ctx) {
         Ok(reason) | Err(reason) => reason,
     };
     stats::count_reason(reason);

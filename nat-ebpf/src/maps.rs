@@ -1,12 +1,14 @@
 //! The maps this program shares with the agent. Names and sizes come from `nat_common::maps`
 //! so both sides agree; the agent fills the tries and reads the counters.
 
+use crate::newflow::NewFlow;
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
 };
 use nat_common::{
-    maps::{MAX_DNAT_PREFIXES, MAX_RULES},
+    conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
+    maps::{DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES},
     rules::NatRuleSet,
     stats::{Reason, RuleCounters},
 };
@@ -28,3 +30,42 @@ pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entr
 /// Packets per exit [`Reason`].
 #[map(name = "REASON_COUNTERS")]
 pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Original-direction tuple -> session. Non-LRU on purpose: nothing is evicted behind the
+/// agent's back, so a flow's two directions never come apart; when full, new flows are refused.
+#[map(name = "SESSIONS")]
+pub static SESSIONS: HashMap<FlowKey, Session> = HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+/// Reply-direction tuple -> original-direction tuple (the key of the flow's session).
+#[map(name = "REPLIES")]
+pub static REPLIES: HashMap<FlowKey, FlowKey> = HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+/// Inside endpoint -> its external endpoint (endpoint-independent mapping, RFC 4787 REQ-1).
+#[map(name = "MAPPINGS")]
+pub static MAPPINGS: HashMap<Endpoint, Mapping> =
+    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+/// External endpoint -> inside endpoint: the claim on an external port, taken with
+/// insert-if-absent so two CPUs can never hand out the same port.
+#[map(name = "BINDINGS")]
+pub static BINDINGS: HashMap<Endpoint, Endpoint> =
+    HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+/// Source prefix -> SNAT rules that can apply to it, in priority order.
+#[map(name = "SNAT_RULES")]
+pub static SNAT_RULES: LpmTrie<[u8; 4], SnatRuleSet> =
+    LpmTrie::with_max_entries(MAX_SNAT_PREFIXES, 0);
+
+/// Pool id -> external addresses and port range of an SNAT rule.
+#[map(name = "SNAT_POOLS")]
+pub static SNAT_POOLS: Array<Pool> = Array::with_max_entries(MAX_POOLS, 0);
+
+/// Slot 0: the new-flow program (`xdp_nat_new_flow`); slot 1: the rules program
+/// (`xdp_nat_rules`). Installed by the agent.
+#[map(name = "PROGRAMS")]
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Per-CPU hand-over from `xdp_nat` to the new-flow program: the decision taken for the packet
+/// being tail-called. Valid only during that tail call (same CPU, same packet).
+#[map(name = "NEW_FLOW")]
+pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);

@@ -1,13 +1,16 @@
-//! Bounded parsing: Ethernet, one optional 802.1Q tag, IPv4 with options.
+//! Bounded parsing: Ethernet, one optional 802.1Q tag, IPv4 with options, the L4 header.
 
 use aya_ebpf::programs::XdpContext;
 use nat_common::{
-    ipv4::{self, HeaderInfo},
+    ipv4::{self, proto, HeaderInfo},
     stats::Reason,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
+    icmp::Icmpv4Hdr,
     ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
     vlan::VlanHdr,
 };
 
@@ -64,11 +67,14 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_offset).map_err(|_| Reason::MalformedIpv4)?;
     // SAFETY: bounds-checked by ptr_at.
     let ip = unsafe { &*ip };
+    // black_box: otherwise LLVM derives "total_len fits the frame" from this check and deletes
+    // later packet bounds checks as redundant, which the verifier cannot follow.
+    let available = core::hint::black_box(frame_len(ctx) - l3_offset);
     let info = ipv4::validate(
         ip.vihl,
         u16::from_be_bytes(ip.tot_len),
         u16::from_be_bytes(ip.frags),
-        frame_len(ctx) - l3_offset,
+        available,
     )?;
     Ok(Ipv4Packet {
         l3_offset,
@@ -77,4 +83,131 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Reason> {
         src: ip.src_addr,
         dst: ip.dst_addr,
     })
+}
+
+/// What sits after the IPv4 header, as far as translation cares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L4Kind {
+    /// A complete TCP header.
+    Tcp,
+    /// A complete UDP header.
+    Udp,
+    /// A complete ICMP echo request (the id is the source "port").
+    IcmpEchoRequest,
+    /// A complete ICMP echo reply (the id is the destination "port").
+    IcmpEchoReply,
+    /// A complete ICMP header of another type (errors among them).
+    IcmpOther,
+    /// A protocol without ports, or a later fragment: only the IP header can be rewritten.
+    NoPorts,
+    /// TCP, UDP or ICMP whose header is cut short inside the datagram.
+    Truncated,
+}
+
+/// The L4 facts of a packet: kind, ports (network order, zero where the kind has none) and TCP
+/// flags.
+#[derive(Clone, Copy)]
+pub struct L4 {
+    /// See [`L4Kind`].
+    pub kind: L4Kind,
+    /// Source port, or the echo id of a request.
+    pub sport: [u8; 2],
+    /// Destination port, or the echo id of a reply.
+    pub dport: [u8; 2],
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// The ICMP type, for `IcmpOther`.
+    pub icmp_type: u8,
+}
+
+impl L4 {
+    /// Whether the packet has a tuple connection tracking can key on: a non-fragmented TCP,
+    /// UDP or ICMP echo packet.
+    #[inline(always)]
+    pub fn trackable(&self, pkt: &Ipv4Packet) -> bool {
+        !pkt.info.is_fragment
+            && matches!(
+                self.kind,
+                L4Kind::Tcp | L4Kind::Udp | L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply
+            )
+    }
+}
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+/// Byte offset of the flags byte in the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+
+/// Reads the L4 header the packet claims to have. A header must lie within the datagram's total
+/// length as well as the frame (a frame may carry Ethernet padding).
+#[inline(always)]
+pub fn read_l4(ctx: &XdpContext, pkt: &Ipv4Packet) -> L4 {
+    let mut l4 = L4 {
+        kind: L4Kind::NoPorts,
+        sport: [0; 2],
+        dport: [0; 2],
+        tcp_flags: 0,
+        icmp_type: 0,
+    };
+    if pkt.info.is_later_fragment {
+        return l4;
+    }
+    match pkt.proto {
+        proto::TCP => match l4_header::<TcpHdr>(ctx, pkt) {
+            Some(tcp) => {
+                // SAFETY: bounds-checked by l4_header.
+                let tcp = unsafe { &*tcp };
+                l4.kind = L4Kind::Tcp;
+                l4.sport = tcp.source;
+                l4.dport = tcp.dest;
+                // SAFETY: the flags byte lies inside the checked TcpHdr.
+                l4.tcp_flags =
+                    unsafe { *((tcp as *const TcpHdr as *const u8).add(TCP_FLAGS_OFFSET)) };
+            }
+            None => l4.kind = L4Kind::Truncated,
+        },
+        proto::UDP => match l4_header::<UdpHdr>(ctx, pkt) {
+            Some(udp) => {
+                // SAFETY: bounds-checked by l4_header.
+                let udp = unsafe { &*udp };
+                l4.kind = L4Kind::Udp;
+                l4.sport = udp.src;
+                l4.dport = udp.dst;
+            }
+            None => l4.kind = L4Kind::Truncated,
+        },
+        proto::ICMP => match l4_header::<Icmpv4Hdr>(ctx, pkt) {
+            Some(icmp) => {
+                // SAFETY: bounds-checked by l4_header.
+                let icmp = unsafe { &*icmp };
+                let id = [icmp.data[0], icmp.data[1]];
+                match icmp.type_ {
+                    ICMP_ECHO_REQUEST => {
+                        l4.kind = L4Kind::IcmpEchoRequest;
+                        l4.sport = id;
+                    }
+                    ICMP_ECHO_REPLY => {
+                        l4.kind = L4Kind::IcmpEchoReply;
+                        l4.dport = id;
+                    }
+                    t => {
+                        l4.kind = L4Kind::IcmpOther;
+                        l4.icmp_type = t;
+                    }
+                }
+            }
+            None => l4.kind = L4Kind::Truncated,
+        },
+        _ => {}
+    }
+    l4
+}
+
+/// Pointer to the L4 header `T` if it lies inside both the frame and the datagram.
+#[inline(always)]
+pub fn l4_header<T>(ctx: &XdpContext, pkt: &Ipv4Packet) -> Option<*mut T> {
+    if pkt.info.header_len + core::mem::size_of::<T>() > pkt.info.total_len {
+        return None;
+    }
+    ptr_at(ctx, pkt.l4_offset()).ok()
 }

@@ -1,0 +1,207 @@
+//! Sessions: translating packets of known flows in either direction, and creating a session
+//! (with its reply entry) for the first packet of a new one.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
+use nat_common::{
+    conntrack::{Dir, Endpoint, FlowKey, Session, TcpState, NO_RULE, SESSION_DNAT, SESSION_SNAT},
+    stats::Reason,
+};
+
+use crate::{
+    maps::{REPLIES, SESSIONS},
+    packet::frame_len,
+    parse::{Ipv4Packet, L4Kind, L4},
+    rewrite::rewrite,
+    snat::{self, SnatChoice},
+    stats::{count_rule, Direction},
+};
+
+/// `-EEXIST` as returned by map updates with `BPF_NOEXIST`.
+pub const EEXIST: i32 = -17;
+
+/// Field-wise equality without a `memcmp` call (which BPF has no libc for).
+#[inline(always)]
+pub fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+    u32::from_ne_bytes(a.src) == u32::from_ne_bytes(b.src)
+        && u32::from_ne_bytes(a.dst) == u32::from_ne_bytes(b.dst)
+        && u16::from_ne_bytes(a.sport) == u16::from_ne_bytes(b.sport)
+        && u16::from_ne_bytes(a.dport) == u16::from_ne_bytes(b.dport)
+        && a.proto == b.proto
+}
+
+/// See [`same_key`].
+#[inline(always)]
+pub fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
+    u32::from_ne_bytes(a.addr) == u32::from_ne_bytes(b.addr)
+        && u16::from_ne_bytes(a.port) == u16::from_ne_bytes(b.port)
+        && a.proto == b.proto
+}
+
+/// Translates a packet of a known flow. `Ok(None)`: the packet belongs to no session.
+#[inline(always)]
+pub fn translate_existing(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    l4: &L4,
+    key: &FlowKey,
+) -> Result<Option<Reason>, Reason> {
+    if let Some(session) = SESSIONS.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup; entries are only freed after an RCU grace
+        // period, so it stays valid for this run even if the agent deletes the session now.
+        let session = unsafe { &mut *session };
+        let to = session.translated;
+        rewrite(ctx, pkt, l4, key, &to)?;
+        refresh(ctx, session, l4, Dir::Original);
+        return Ok(Some(Reason::SessionOrig));
+    }
+    let Some(orig) = REPLIES.get_ptr(key) else {
+        return Ok(None);
+    };
+    // SAFETY: as above.
+    let orig = unsafe { *orig };
+    let Some(session) = SESSIONS.get_ptr_mut(&orig) else {
+        // The agent is deleting this flow (session first, reply entry next): not ours any more.
+        return Ok(None);
+    };
+    // SAFETY: as above.
+    let session = unsafe { &mut *session };
+    rewrite(ctx, pkt, l4, key, &orig.reversed())?;
+    refresh(ctx, session, l4, Dir::Reply);
+    Ok(Some(Reason::SessionReply))
+}
+
+/// `*counter += value` as one BPF atomic instruction. The target's `core` offers no atomic
+/// read-modify-write, but the instruction set has `lock add` (BPF_ATOMIC | BPF_ADD).
+#[inline(always)]
+fn atomic_add(counter: &mut u64, value: u64) {
+    // SAFETY: `counter` is a valid, 8-byte aligned u64 inside a map value; the instruction
+    // only adds to it.
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({ptr} + 0) += {val}",
+            ptr = in(reg) counter as *mut u64,
+            val = in(reg) value,
+        );
+    }
+}
+
+/// Updates a session for one packet: last seen, TCP state, its counters and its rules'.
+#[inline(always)]
+fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir) {
+    // SAFETY: helper without arguments.
+    session.last_seen_ns = unsafe { bpf_ktime_get_boot_ns() };
+    if l4.kind == L4Kind::Tcp {
+        let state = TcpState::from_u8(session.tcp_state);
+        let next = state.next(dir, l4.tcp_flags);
+        if next != state {
+            session.tcp_state = next as u8;
+        }
+    }
+    let bytes = frame_len(ctx) as u64;
+    // Several CPUs may carry packets of one flow at once: add atomically.
+    let (packets, total, direction) = match dir {
+        Dir::Original => (
+            &mut session.orig_packets,
+            &mut session.orig_bytes,
+            Direction::Original,
+        ),
+        Dir::Reply => (
+            &mut session.reply_packets,
+            &mut session.reply_bytes,
+            Direction::Reply,
+        ),
+    };
+    atomic_add(packets, 1);
+    atomic_add(total, bytes);
+    if session.dnat_rule != NO_RULE {
+        count_rule(ctx, session.dnat_rule, direction, bytes);
+    }
+    if session.snat_rule != NO_RULE {
+        count_rule(ctx, session.snat_rule, direction, bytes);
+    }
+}
+
+/// Creates the session for the first packet of a flow and translates the packet. `to` is the
+/// packet after destination NAT (equal to `key` when there is none); `snat`, when given,
+/// translates its source too.
+#[inline(always)]
+pub fn create(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    l4: &L4,
+    key: &FlowKey,
+    mut to: FlowKey,
+    dnat_rule: Option<u32>,
+    snat: Option<SnatChoice>,
+) -> Result<Reason, Reason> {
+    let tcp_state = if l4.kind == L4Kind::Tcp {
+        match TcpState::initial(l4.tcp_flags) {
+            Some(state) => state as u8,
+            None => return Err(Reason::RstNoSession),
+        }
+    } else {
+        0
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let mut flags = 0;
+    if dnat_rule.is_some() {
+        flags |= SESSION_DNAT;
+    }
+    if let Some(choice) = &snat {
+        let inside = Endpoint {
+            addr: to.src,
+            port: to.sport,
+            proto: to.proto,
+            _pad: 0,
+        };
+        let external = snat::allocate(&inside, choice, now)?;
+        to.src = external.addr;
+        to.sport = external.port;
+        flags |= SESSION_SNAT;
+    }
+
+    // The reply entry first: inserting it if absent is what makes the reply tuple ours.
+    let reply_key = to.reversed();
+    match REPLIES.insert(&reply_key, key, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(e) if e == EEXIST => match REPLIES.get_ptr(&reply_key) {
+            // SAFETY: pointer from a successful lookup.
+            Some(owner) if same_key(unsafe { &*owner }, key) => {}
+            _ => return Err(Reason::SessionClash),
+        },
+        Err(_) => return Err(Reason::TableFull),
+    }
+    let session = Session {
+        translated: to,
+        dnat_rule: dnat_rule.unwrap_or(NO_RULE),
+        snat_rule: snat.map_or(NO_RULE, |c| c.rule_slot),
+        created_ns: now,
+        last_seen_ns: now,
+        tcp_state,
+        flags,
+        ..Session::default()
+    };
+    let created = match SESSIONS.insert(key, &session, BPF_NOEXIST as u64) {
+        Ok(()) => true,
+        // Another CPU created this flow's session a moment ago: use that one.
+        Err(e) if e == EEXIST => false,
+        Err(_) => {
+            let _ = REPLIES.remove(&reply_key);
+            return Err(Reason::TableFull);
+        }
+    };
+    let Some(stored) = SESSIONS.get_ptr_mut(key) else {
+        return Err(Reason::TableFull);
+    };
+    // SAFETY: pointer from a successful lookup.
+    let stored = unsafe { &mut *stored };
+    let to = stored.translated;
+    rewrite(ctx, pkt, l4, key, &to)?;
+    refresh(ctx, stored, l4, Dir::Original);
+    Ok(if created {
+        Reason::SessionNew
+    } else {
+        Reason::SessionOrig
+    })
+}

@@ -1,0 +1,161 @@
+//! The order in which a packet meets the NAT's tables, split over programs so each one stays
+//! within the verifier's limits and established traffic runs the least code.
+//!
+//! `xdp_nat` (attached to the interfaces), [`try_translate`]:
+//! 1. known flows (sessions, either direction): one or two hash lookups;
+//! 2. stateless DNAT, forward (destination) and reverse (source of a backend's reply);
+//! 3. anything that may start a session goes on to `xdp_nat_rules` by tail call.
+//!
+//! `xdp_nat_rules`, [`try_rules`]: DNAT rules that need a session (stateful, or SNAT applies
+//! too) and SNAT rules; a new session goes on to `xdp_nat_new_flow` (`newflow`).
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use nat_common::{
+    conntrack::FlowKey, ipv4::icmp_is_error, maps::RULES_SLOT, rules::RULE_SNAT_CHECK,
+    stats::Reason,
+};
+
+use crate::{
+    conntrack,
+    dnat::{self, Side},
+    maps::{DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
+    newflow,
+    parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
+    snat::{self, SnatDecision},
+};
+
+#[inline(always)]
+fn flow_key(pkt: &Ipv4Packet, l4: &L4) -> FlowKey {
+    FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: l4.sport,
+        dport: l4.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// Body of `xdp_nat`. `Ok` and `Err` both carry the exit reason.
+#[inline(always)]
+pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
+    let pkt = parse_ipv4(ctx)?;
+    let l4 = read_l4(ctx, &pkt);
+    let key = flow_key(&pkt, &l4);
+
+    if l4.trackable(&pkt) {
+        if let Some(reason) = conntrack::translate_existing(ctx, &pkt, &l4, &key)? {
+            return Ok(reason);
+        }
+    }
+    if let Some(set) = DNAT_FORWARD.get(Key::new(32, pkt.dst)) {
+        if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Destination)? {
+            if !rule.may_need_session() {
+                return dnat::forward_stateless(ctx, &pkt, &l4, &key, &rule);
+            }
+            return Err(to_rules_program(ctx));
+        }
+    }
+    if let Some(set) = DNAT_REVERSE.get(Key::new(32, pkt.src)) {
+        if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Source)? {
+            return dnat::reverse(ctx, &pkt, &l4, &key, &rule);
+        }
+    }
+    if SNAT_RULES.get(Key::new(32, pkt.src)).is_some() {
+        return Err(to_rules_program(ctx));
+    }
+    Err(Reason::NoMatch)
+}
+
+/// Tail-calls `xdp_nat_rules`; returns only if that failed.
+#[inline(always)]
+fn to_rules_program(ctx: &XdpContext) -> Reason {
+    // SAFETY: tail_call either does not return or returns on failure; nothing is held across.
+    unsafe { PROGRAMS.tail_call(ctx, RULES_SLOT) };
+    Reason::NewFlowUnavailable
+}
+
+/// Body of `xdp_nat_rules`: the packet matched no session, and either a DNAT rule that may
+/// need one or no DNAT rule at all.
+#[inline(always)]
+pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
+    let pkt = parse_ipv4(ctx)?;
+    let l4 = read_l4(ctx, &pkt);
+    let key = flow_key(&pkt, &l4);
+    let trackable = l4.trackable(&pkt);
+
+    // Destination first (PREROUTING), then source rules on the translated packet (POSTROUTING).
+    let mut dnat_rule = None;
+    if let Some(set) = DNAT_FORWARD.get(Key::new(32, pkt.dst)) {
+        dnat_rule = dnat::find_rule(&pkt, &l4, set, Side::Destination)?;
+    }
+    let (to, check_snat, stateful) = match &dnat_rule {
+        Some(rule) => (
+            dnat::translated(&pkt, &key, rule, Side::Destination),
+            rule.flags & RULE_SNAT_CHECK != 0,
+            rule.is_stateful(),
+        ),
+        None => (key, true, false),
+    };
+    let decision = if check_snat && trackable {
+        snat::decide(ctx, &to, pkt.info.total_len as u16)
+    } else {
+        SnatDecision::NoRule
+    };
+
+    if let Some(rule) = &dnat_rule {
+        let snat = match decision {
+            SnatDecision::Translate(choice) => Some(choice),
+            SnatDecision::Exempt | SnatDecision::NoRule => None,
+        };
+        if trackable && (stateful || snat.is_some()) {
+            return Err(newflow::hand_over(
+                ctx,
+                &key,
+                &to,
+                Some(rule.counter_index),
+                snat,
+            ));
+        }
+        if stateful {
+            // No tuple to track (a fragment, or a protocol without ports): its replies could
+            // not be restored, so leave it to the kernel rather than translate one way only.
+            return Err(if pkt.info.is_fragment {
+                Reason::FragmentUnmatched
+            } else {
+                Reason::ProtoUnsupported
+            });
+        }
+        return dnat::forward_stateless(ctx, &pkt, &l4, &key, rule);
+    }
+
+    let choice = match decision {
+        SnatDecision::Translate(choice) => choice,
+        SnatDecision::Exempt => return Err(Reason::SnatExempt),
+        // Untrackable packets never reached `decide`: tell why they cannot be translated.
+        SnatDecision::NoRule if trackable => return Err(Reason::NoMatch),
+        SnatDecision::NoRule => {
+            return Err(untrackable_reason(ctx, &pkt, &l4, &key));
+        }
+    };
+    Err(newflow::hand_over(ctx, &key, &key, None, Some(choice)))
+}
+
+/// Why a packet with SNAT rules for its source but no trackable tuple is not translated.
+#[inline(always)]
+fn untrackable_reason(ctx: &XdpContext, pkt: &Ipv4Packet, l4: &L4, key: &FlowKey) -> Reason {
+    if matches!(
+        snat::decide(ctx, key, pkt.info.total_len as u16),
+        SnatDecision::NoRule
+    ) {
+        return Reason::NoMatch;
+    }
+    if pkt.info.is_fragment {
+        return Reason::SnatFragment;
+    }
+    match l4.kind {
+        L4Kind::Truncated => Reason::TruncatedL4,
+        L4Kind::IcmpOther if icmp_is_error(l4.icmp_type) => Reason::IcmpErrorPassed,
+        _ => Reason::SnatProtoUnsupported,
+    }
+}

@@ -1,0 +1,129 @@
+//! Rewrites a packet's addresses and ports from one tuple to another, fixing every checksum
+//! incrementally (RFC 1624). Stateless DNAT and session translation both end here.
+
+use aya_ebpf::programs::XdpContext;
+use nat_common::{checksum, conntrack::FlowKey, stats::Reason};
+use network_types::{icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::{
+    packet::ptr_at,
+    parse::{l4_header, Ipv4Packet, L4Kind, L4},
+};
+
+/// Rewrites the packet described by `from` (its current addresses and ports) to `to`. Ports
+/// are only touched where the packet has them; for a later fragment or a protocol without
+/// ports only the IP header changes.
+///
+/// Fails, leaving the packet untouched, when the L4 header that would need a checksum update
+/// is cut short.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    l4: &L4,
+    from: &FlowKey,
+    to: &FlowKey,
+) -> Result<(), Reason> {
+    if l4.kind == L4Kind::Truncated {
+        return Err(Reason::TruncatedL4);
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3_offset).map_err(|_| Reason::MalformedIpv4)?;
+    // SAFETY: bounds-checked by ptr_at; XDP owns the frame.
+    let ip = unsafe { &mut *ip };
+    // Every field is written and every checksum adjusted unconditionally: an RFC 1624 update
+    // with old == new leaves a valid checksum unchanged, and straight-line code keeps the
+    // verifier from exploring every combination of "this field changed".
+    ip.src_addr = to.src;
+    ip.dst_addr = to.dst;
+    ip.check = addr_delta(u16::from_be_bytes(ip.check), from, to).to_be_bytes();
+
+    // Ports change only where the packet carries the ports `from` names: not in fragments
+    // (a first fragment matched by an address-only rule keeps its ports).
+    let ports = !pkt.info.is_fragment;
+    match l4.kind {
+        L4Kind::Tcp => {
+            let Some(tcp) = l4_header::<TcpHdr>(ctx, pkt) else {
+                return Err(Reason::TruncatedL4);
+            };
+            // SAFETY: bounds-checked by l4_header.
+            let tcp = unsafe { &mut *tcp };
+            let mut c = addr_delta(u16::from_be_bytes(tcp.check), from, to);
+            if ports {
+                tcp.source = to.sport;
+                tcp.dest = to.dport;
+                c = port_delta(c, from, to);
+            }
+            tcp.check = c.to_be_bytes();
+        }
+        L4Kind::Udp => {
+            let Some(udp) = l4_header::<UdpHdr>(ctx, pkt) else {
+                return Err(Reason::TruncatedL4);
+            };
+            // SAFETY: bounds-checked by l4_header.
+            let udp = unsafe { &mut *udp };
+            let old = u16::from_be_bytes(udp.check);
+            let mut c = addr_delta(old, from, to);
+            if ports {
+                udp.src = to.sport;
+                udp.dst = to.dport;
+                c = port_delta(c, from, to);
+            }
+            // UDP: 0 means "no checksum" and stays 0; a computed 0 is sent as 0xffff.
+            let c = if old == 0 {
+                0
+            } else if c == 0 {
+                0xffff
+            } else {
+                c
+            };
+            udp.check = c.to_be_bytes();
+        }
+        L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply if ports => {
+            // The echo id is the "port" of whichever side chose it; the ICMP checksum covers
+            // it but not the IP pseudo-header.
+            let (old_id, new_id) = if l4.kind == L4Kind::IcmpEchoRequest {
+                (from.sport, to.sport)
+            } else {
+                (from.dport, to.dport)
+            };
+            let Some(icmp) = l4_header::<Icmpv4Hdr>(ctx, pkt) else {
+                return Err(Reason::TruncatedL4);
+            };
+            // SAFETY: bounds-checked by l4_header.
+            let icmp = unsafe { &mut *icmp };
+            icmp.data[0] = new_id[0];
+            icmp.data[1] = new_id[1];
+            icmp.check = checksum::update_u16(
+                u16::from_be_bytes(icmp.check),
+                u16::from_be_bytes(old_id),
+                u16::from_be_bytes(new_id),
+            )
+            .to_be_bytes();
+        }
+        // ICMP's checksum does not cover the pseudo-header; other protocols carry no ports.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `check` adjusted for both addresses changing from `from` to `to`.
+#[inline(always)]
+fn addr_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
+    let c = checksum::update_addr(check, from.src, to.src);
+    checksum::update_addr(c, from.dst, to.dst)
+}
+
+/// `check` adjusted for both ports changing from `from` to `to`.
+#[inline(always)]
+fn port_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
+    let c = checksum::update_u16(
+        check,
+        u16::from_be_bytes(from.sport),
+        u16::from_be_bytes(to.sport),
+    );
+    checksum::update_u16(
+        c,
+        u16::from_be_bytes(from.dport),
+        u16::from_be_bytes(to.dport),
+    )
+}
