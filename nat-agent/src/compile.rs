@@ -1,67 +1,150 @@
-//! Compiles validated DNAT rules into the kernel's two longest-prefix-match tables.
+//! Compiles the validated model into map contents: the DNAT longest-prefix-match tables, the
+//! SNAT table and pools, and the counter slot of every rule.
 //!
 //! For every prefix that some rule names, the set holds that rule and every rule of a shorter
 //! prefix covering it, in config order. A longest-prefix lookup then yields all rules that can
 //! apply to the packet's address, and the kernel takes the first that matches protocol and
 //! port: the same answer as walking the config top to bottom.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod snat;
+mod stateful;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 use nat_common::rules::{
-    NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT,
+    NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT, RULE_SNAT_CHECK,
+    RULE_STATEFUL,
 };
 
-use crate::model::{DnatRule, PortRange, Problem};
+use crate::model::{DnatRule, Model, PortRange, Problem};
 
-/// The contents of `DNAT_FORWARD`, `DNAT_REVERSE` and the counter slot of every rule.
+pub use snat::CompiledSnat;
+pub use stateful::{stateful_rules, StatefulRule};
+
+/// The contents of `DNAT_FORWARD` and `DNAT_REVERSE`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompiledDnat {
     /// Destination prefix -> rule set (VIP -> backend).
     pub forward: BTreeMap<Ipv4Net, NatRuleSet>,
-    /// Backend source prefix -> rule set (backend -> VIP).
+    /// Backend source prefix -> rule set (backend -> VIP), stateless rules only.
     pub reverse: BTreeMap<Ipv4Net, NatRuleSet>,
-    /// Rule id -> `RULE_COUNTERS` slot.
+}
+
+/// Everything the agent writes into the kernel for one config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compiled {
+    /// The DNAT tries.
+    pub dnat: CompiledDnat,
+    /// The SNAT trie and pools (egress interfaces still by name).
+    pub snat: CompiledSnat,
+    /// Rule id (DNAT or SNAT) -> `RULE_COUNTERS` slot.
     pub slots: BTreeMap<u32, u32>,
+    /// DNAT rules that get a session per flow because their replies are ambiguous, in config
+    /// order.
+    pub stateful: Vec<StatefulRule>,
 }
 
-/// Compiles `rules`. Rule ids keep the counter slot they had in `previous` (so counters carry
+/// Compiles `model`. Rule ids keep the counter slot they had in `previous` (so counters carry
 /// on across reloads); new ids take the lowest free slots.
-pub fn compile(
-    rules: &[DnatRule],
-    previous: &BTreeMap<u32, u32>,
-) -> Result<CompiledDnat, Vec<Problem>> {
-    let slots = assign_slots(rules, previous);
-    let forward = build_sets(rules, |r| r.destination, |r| forward_rule(r, slots[&r.id]))?;
-    let reverse = build_sets(rules, |r| r.to_address, |r| reverse_rule(r, slots[&r.id]))?;
-    Ok(CompiledDnat {
-        forward,
-        reverse,
-        slots,
-    })
+pub fn compile(model: &Model, previous: &BTreeMap<u32, u32>) -> Result<Compiled, Vec<Problem>> {
+    let ids: Vec<u32> = model
+        .dnat
+        .iter()
+        .map(|r| r.id)
+        .chain(model.snat.iter().map(|r| r.id))
+        .collect();
+    let slots = assign_slots(&ids, previous);
+    let stateful = stateful_rules(&model.dnat);
+    let stateful_ids: BTreeSet<u32> = stateful.iter().map(|r| r.id).collect();
+    // DNAT + SNAT together (scenario 3) needs the kernel to look at the SNAT rules after a DNAT
+    // hit; skip that lookup entirely when no SNAT rule could translate anything.
+    let snat_check = model.snat.iter().any(|r| r.action.translates());
+    let mut problems = Vec::new();
+    let dnat = compile_dnat(&model.dnat, &slots, &stateful_ids, snat_check)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    let snat = snat::compile_snat(&model.snat, &slots)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    match (dnat, snat) {
+        (Some(dnat), Some(snat)) if problems.is_empty() => Ok(Compiled {
+            dnat,
+            snat,
+            slots,
+            stateful,
+        }),
+        _ => Err(problems),
+    }
 }
 
-fn assign_slots(rules: &[DnatRule], previous: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
+fn assign_slots(ids: &[u32], previous: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
     let mut slots = BTreeMap::new();
-    let mut used = std::collections::BTreeSet::new();
-    for r in rules {
-        if let Some(&slot) = previous.get(&r.id) {
-            slots.insert(r.id, slot);
+    let mut used = BTreeSet::new();
+    for id in ids {
+        if let Some(&slot) = previous.get(id) {
+            slots.insert(*id, slot);
             used.insert(slot);
         }
     }
     let mut next = 0u32;
-    for r in rules {
-        if slots.contains_key(&r.id) {
+    for id in ids {
+        if slots.contains_key(id) {
             continue;
         }
         while used.contains(&next) {
             next += 1;
         }
-        slots.insert(r.id, next);
+        slots.insert(*id, next);
         used.insert(next);
     }
     slots
+}
+
+/// The DNAT tries. Stateful rules are marked in the forward table and left out of the reverse
+/// table: their replies are restored by sessions, and a stateless reverse entry would guess.
+fn compile_dnat(
+    rules: &[DnatRule],
+    slots: &BTreeMap<u32, u32>,
+    stateful: &BTreeSet<u32>,
+    snat_check: bool,
+) -> Result<CompiledDnat, Vec<Problem>> {
+    let forward = build_dnat_sets(
+        rules,
+        |r| r.destination,
+        |r| {
+            let mut rule = forward_rule(r, slots[&r.id]);
+            if stateful.contains(&r.id) {
+                rule.flags |= RULE_STATEFUL;
+            }
+            if snat_check {
+                rule.flags |= RULE_SNAT_CHECK;
+            }
+            rule
+        },
+    );
+    let stateless: Vec<DnatRule> = rules
+        .iter()
+        .filter(|r| !stateful.contains(&r.id))
+        .cloned()
+        .collect();
+    let reverse = build_dnat_sets(
+        &stateless,
+        |r| r.to_address,
+        |r| reverse_rule(r, slots[&r.id]),
+    );
+    match (forward, reverse) {
+        (Ok(forward), Ok(reverse)) => Ok(CompiledDnat { forward, reverse }),
+        (forward, reverse) => {
+            let mut problems = forward.err().unwrap_or_default();
+            for p in reverse.err().unwrap_or_default() {
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
+            Err(problems)
+        }
+    }
 }
 
 fn mask_bytes(net: Ipv4Net) -> [u8; 4] {
@@ -112,52 +195,100 @@ fn reverse_rule(r: &DnatRule, slot: u32) -> NatRule {
     }
 }
 
-/// Builds one trie's contents: for each distinct prefix, the rules whose prefix covers it.
-fn build_sets(
+/// For each distinct prefix among `rules`, the positions of the rules whose prefix covers it,
+/// in config order (shared by the DNAT and SNAT tries).
+pub(crate) fn covering_sets<R>(
+    rules: &[R],
+    prefix_of: impl Fn(&R) -> Ipv4Net,
+) -> BTreeMap<Ipv4Net, Vec<usize>> {
+    let mut sets = BTreeMap::new();
+    for rule in rules {
+        let key = prefix_of(rule);
+        sets.entry(key).or_insert_with(|| {
+            rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| prefix_of(r).contains(&key))
+                .map(|(i, _)| i)
+                .collect()
+        });
+    }
+    sets
+}
+
+/// Builds one DNAT trie's contents: for each distinct prefix, the rules whose prefix covers it.
+fn build_dnat_sets(
     rules: &[DnatRule],
     prefix_of: impl Fn(&DnatRule) -> Ipv4Net,
     entry_of: impl Fn(&DnatRule) -> NatRule,
 ) -> Result<BTreeMap<Ipv4Net, NatRuleSet>, Vec<Problem>> {
-    let mut sets: BTreeMap<Ipv4Net, NatRuleSet> = BTreeMap::new();
-    let mut overfull: HashMap<Ipv4Net, usize> = HashMap::new();
-    let prefixes: Vec<Ipv4Net> = rules.iter().map(&prefix_of).collect();
-    for key in &prefixes {
-        if sets.contains_key(key) {
+    let mut sets = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (prefix, members) in covering_sets(rules, prefix_of) {
+        if members.len() > MAX_RULES_PER_SET {
+            problems.push(Problem {
+                place: format!("prefix {prefix}"),
+                field: None,
+                message: format!(
+                    "{} rules apply to addresses in this prefix; at most {MAX_RULES_PER_SET} can",
+                    members.len()
+                ),
+            });
             continue;
         }
-        let mut set = NatRuleSet::default();
-        let covering = rules.iter().filter(|r| prefix_of(r).contains(key));
-        for (n, rule) in covering.enumerate() {
-            if n < MAX_RULES_PER_SET {
-                set.rules[n] = entry_of(rule);
-                set.len = (n + 1) as u32;
-            } else {
-                *overfull.entry(*key).or_default() = n + 1;
-            }
+        let mut set = NatRuleSet {
+            len: members.len() as u32,
+            ..Default::default()
+        };
+        for (slot, &i) in set.rules.iter_mut().zip(&members) {
+            *slot = entry_of(&rules[i]);
         }
-        sets.insert(*key, set);
+        sets.insert(prefix, set);
     }
-    if overfull.is_empty() {
-        return Ok(sets);
+    if problems.is_empty() {
+        Ok(sets)
+    } else {
+        Err(problems)
     }
-    let mut problems: Vec<Problem> = overfull
-        .into_iter()
-        .map(|(prefix, n)| Problem {
-            place: format!("prefix {prefix}"),
-            field: None,
-            message: format!(
-                "{n} rules apply to addresses in this prefix; at most {MAX_RULES_PER_SET} can"
-            ),
-        })
-        .collect();
-    problems.sort_by(|a, b| a.place.cmp(&b.place));
-    Err(problems)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Conntrack, SnatAction, SnatRule, DEFAULT_SNAT_PORTS};
     use nat_common::{ipv4::proto, rules::SetMatch};
+
+    fn model(dnat: Vec<DnatRule>, snat: Vec<SnatRule>) -> Model {
+        Model {
+            metrics_listen: None,
+            api_socket: "/run/t.sock".into(),
+            interfaces: Vec::new(),
+            dnat,
+            snat,
+            conntrack: Conntrack::default(),
+        }
+    }
+
+    fn compile_dnat_only(
+        rules: &[DnatRule],
+        previous: &BTreeMap<u32, u32>,
+    ) -> Result<Compiled, Vec<Problem>> {
+        compile(&model(rules.to_vec(), Vec::new()), previous)
+    }
+
+    fn masquerade(id: u32, source: &str) -> SnatRule {
+        SnatRule {
+            id,
+            name: format!("s{id}"),
+            source: source.parse().unwrap(),
+            destination: Ipv4Net::default(),
+            protocol: None,
+            out_interface: None,
+            action: SnatAction::Masquerade {
+                ports: DEFAULT_SNAT_PORTS,
+            },
+        }
+    }
 
     fn rule(id: u32, dst: &str, p: Option<(u16, u16)>, to: &str, to_port: Option<u16>) -> DnatRule {
         let port = p.map(|(min, max)| PortRange { min, max });
@@ -204,16 +335,16 @@ mod tests {
             ),
             rule(2, "198.18.100.0/24", None, "198.18.9.0/24", None),
         ];
-        let c = compile(&rules, &BTreeMap::new()).unwrap();
-        let hit = lookup(&c.forward, [198, 18, 100, 10], Some(80)).unwrap();
+        let c = compile_dnat_only(&rules, &BTreeMap::new()).unwrap();
+        let hit = lookup(&c.dnat.forward, [198, 18, 100, 10], Some(80)).unwrap();
         assert_eq!(
             (hit.to_addr, hit.translate_port(80)),
             ([198, 18, 1, 2], 8080)
         );
         // Port 81 on the /32 falls through to the /24 NETMAP rule.
-        let hit = lookup(&c.forward, [198, 18, 100, 10], Some(81)).unwrap();
+        let hit = lookup(&c.dnat.forward, [198, 18, 100, 10], Some(81)).unwrap();
         assert_eq!(hit.translate_addr([198, 18, 100, 10]), [198, 18, 9, 10]);
-        assert_eq!(c.forward[&"198.18.100.10/32".parse().unwrap()].len, 2);
+        assert_eq!(c.dnat.forward[&"198.18.100.10/32".parse().unwrap()].len, 2);
     }
 
     #[test]
@@ -225,11 +356,11 @@ mod tests {
             "198.18.1.3/32",
             Some(80),
         )];
-        let c = compile(&rules, &BTreeMap::new()).unwrap();
-        let back = lookup(&c.reverse, [198, 18, 1, 3], Some(80)).unwrap();
+        let c = compile_dnat_only(&rules, &BTreeMap::new()).unwrap();
+        let back = lookup(&c.dnat.reverse, [198, 18, 1, 3], Some(80)).unwrap();
         assert_eq!(back.translate_addr([198, 18, 1, 3]), [198, 18, 100, 11]);
         assert_eq!(back.translate_port(80), 22);
-        assert!(lookup(&c.reverse, [198, 18, 1, 3], Some(81)).is_none());
+        assert!(lookup(&c.dnat.reverse, [198, 18, 1, 3], Some(81)).is_none());
     }
 
     #[test]
@@ -237,8 +368,8 @@ mod tests {
         let a = rule(1, "198.18.100.1/32", None, "198.18.1.1/32", None);
         let b = rule(2, "198.18.100.2/32", None, "198.18.1.2/32", None);
         let c = rule(3, "198.18.100.3/32", None, "198.18.1.3/32", None);
-        let first = compile(&[a.clone(), b, c.clone()], &BTreeMap::new()).unwrap();
-        let second = compile(&[c, a], &first.slots).unwrap();
+        let first = compile_dnat_only(&[a.clone(), b, c.clone()], &BTreeMap::new()).unwrap();
+        let second = compile_dnat_only(&[c, a], &first.slots).unwrap();
         assert_eq!(second.slots[&1], first.slots[&1]);
         assert_eq!(second.slots[&3], first.slots[&3]);
     }
@@ -256,7 +387,73 @@ mod tests {
                 )
             })
             .collect();
-        let err = compile(&rules, &BTreeMap::new()).unwrap_err();
+        let err = compile_dnat_only(&rules, &BTreeMap::new()).unwrap_err();
         assert!(err[0].message.contains("17 rules"), "{err:?}");
+    }
+
+    #[test]
+    fn ambiguous_rules_are_stateful_and_left_out_of_the_reverse_table() {
+        let rules = vec![
+            rule(
+                1,
+                "198.18.100.10/32",
+                Some((80, 80)),
+                "198.18.1.2/32",
+                Some(80),
+            ),
+            rule(
+                2,
+                "198.18.100.11/32",
+                Some((80, 80)),
+                "198.18.1.2/32",
+                Some(80),
+            ),
+            rule(
+                3,
+                "198.18.100.11/32",
+                Some((22, 22)),
+                "198.18.1.3/32",
+                Some(80),
+            ),
+        ];
+        let c = compile_dnat_only(&rules, &BTreeMap::new()).unwrap();
+        let ids: Vec<u32> = c.stateful.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [1, 2]);
+        let vip1 = c.dnat.forward[&"198.18.100.10/32".parse().unwrap()];
+        assert_ne!(vip1.rules[0].flags & RULE_STATEFUL, 0);
+        let vip2 = c.dnat.forward[&"198.18.100.11/32".parse().unwrap()];
+        assert_eq!(vip2.len, 2);
+        assert_ne!(vip2.rules[0].flags & RULE_STATEFUL, 0);
+        assert_eq!(vip2.rules[1].flags & RULE_STATEFUL, 0);
+        // Only the unambiguous rule keeps its stateless reverse.
+        let reverse: Vec<String> = c.dnat.reverse.keys().map(|k| k.to_string()).collect();
+        assert_eq!(reverse, ["198.18.1.3/32"]);
+        assert!(lookup(&c.dnat.reverse, [198, 18, 1, 2], Some(80)).is_none());
+        // No SNAT rules: no SNAT check anywhere.
+        assert!(c.dnat.forward.values().all(|s| s.rules[..s.len as usize]
+            .iter()
+            .all(|r| r.flags & RULE_SNAT_CHECK == 0)));
+    }
+
+    #[test]
+    fn snat_rules_turn_on_the_snat_check_and_share_slots() {
+        let dnat = vec![rule(1, "198.18.100.10/32", None, "198.18.1.2/32", None)];
+        let mut no_nat = masquerade(3, "198.18.5.0/24");
+        no_nat.action = SnatAction::NoNat;
+        // Only a no_nat rule: the check would never translate anything.
+        let c = compile(&model(dnat.clone(), vec![no_nat.clone()]), &BTreeMap::new()).unwrap();
+        let set = c.dnat.forward[&"198.18.100.10/32".parse().unwrap()];
+        assert_eq!(set.rules[0].flags & RULE_SNAT_CHECK, 0);
+        let c = compile(
+            &model(dnat, vec![no_nat, masquerade(2, "198.18.0.0/16")]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let set = c.dnat.forward[&"198.18.100.10/32".parse().unwrap()];
+        assert_ne!(set.rules[0].flags & RULE_SNAT_CHECK, 0);
+        assert_eq!(c.slots.len(), 3);
+        let mut slots: Vec<u32> = c.slots.values().copied().collect();
+        slots.sort();
+        assert_eq!(slots, [0, 1, 2]);
     }
 }

@@ -20,6 +20,12 @@ pub struct ConfigFile {
     /// Destination NAT rules, in priority order (first match wins).
     #[serde(default)]
     pub dnat: Vec<DnatEntry>,
+    /// Source NAT rules, in priority order (first match wins).
+    #[serde(default)]
+    pub snat: Vec<SnatEntry>,
+    /// Connection tracking: table size, timeouts, expiry sweep.
+    #[serde(default)]
+    pub conntrack: ConntrackSection,
 }
 
 /// `[agent]`.
@@ -28,6 +34,69 @@ pub struct ConfigFile {
 pub struct AgentSection {
     /// `address:port` of the Prometheus metrics listener; no listener when absent.
     pub metrics_listen: Option<String>,
+    /// Path of the local API's unix socket (sessions list/delete/flush); a default when absent.
+    pub api_socket: Option<String>,
+}
+
+/// `[conntrack]`. Every field is optional; integers stay `i64` so that validation, not serde,
+/// reports out-of-range values with the field named.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConntrackSection {
+    /// Capacity of the session table (and of the mapping and binding tables).
+    pub max_sessions: Option<i64>,
+    /// Seconds a UDP session lives without traffic.
+    pub udp_timeout: Option<i64>,
+    /// Seconds an established TCP session lives without traffic.
+    pub tcp_established_timeout: Option<i64>,
+    /// Seconds a TCP session lives without traffic while opening or closing.
+    pub tcp_transitory_timeout: Option<i64>,
+    /// Seconds a TCP session lives after a reset.
+    pub tcp_closed_timeout: Option<i64>,
+    /// Seconds an ICMP echo session lives without traffic.
+    pub icmp_timeout: Option<i64>,
+    /// Seconds between expiry sweeps.
+    pub gc_interval: Option<i64>,
+    /// Accept timeouts below the RFC floors (labs and tests only).
+    pub allow_below_rfc_floors: Option<bool>,
+}
+
+/// One address or prefix, or a list of them: `"203.0.113.1"`, `"203.0.113.0/30"` or
+/// `["203.0.113.1", "203.0.113.7"]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum AddressList {
+    /// A single address or prefix.
+    One(String),
+    /// Several addresses or prefixes.
+    Many(Vec<String>),
+}
+
+/// `[[snat]]`: rewrite the source of matching packets to an external address and port, with
+/// a session so that replies are restored.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnatEntry {
+    /// Stable rule id, unique across DNAT and SNAT rules.
+    pub id: Option<i64>,
+    /// Human name, unique across DNAT and SNAT rules; the `rule` label of the metrics.
+    pub name: Option<String>,
+    /// Source address or prefix matched (the inside hosts).
+    pub source: Option<String>,
+    /// Destination address or prefix matched; any when absent.
+    pub destination: Option<String>,
+    /// `tcp`, `udp` or `icmp`; any of them when absent.
+    pub protocol: Option<String>,
+    /// The egress interface (as the kernel's route lookup picks it) the rule requires.
+    pub out_interface: Option<String>,
+    /// External addresses: an address, a list, or a prefix.
+    pub to_address: Option<AddressList>,
+    /// `true`: use the egress interface's own address.
+    pub masquerade: Option<bool>,
+    /// `true`: do not translate matching packets.
+    pub no_nat: Option<bool>,
+    /// External ports, `"1024-65535"` by default.
+    pub port_range: Option<PortSpec>,
 }
 
 /// `[[interfaces]]`.
@@ -172,6 +241,54 @@ to_port = 9000
         .unwrap();
         assert_eq!(c.dnat[0].port, Some(PortSpec::Text("8000-8009".into())));
         assert_eq!(c.dnat[0].to_port, Some(PortSpec::Number(9000)));
+    }
+
+    #[test]
+    fn parses_snat_and_conntrack_shapes() {
+        let c = ConfigFile::parse(
+            "t.toml",
+            r#"
+[agent]
+api_socket = "/run/x.sock"
+[conntrack]
+max_sessions = 4096
+udp_timeout = 300
+allow_below_rfc_floors = true
+[[snat]]
+id = 100
+name = "out"
+source = "198.18.0.0/24"
+to_address = ["203.0.113.1", "203.0.113.2"]
+port_range = "2000-3000"
+[[snat]]
+id = 101
+name = "masq"
+source = "198.18.0.0/24"
+masquerade = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.agent.api_socket.as_deref(), Some("/run/x.sock"));
+        assert_eq!(c.conntrack.max_sessions, Some(4096));
+        assert_eq!(c.conntrack.allow_below_rfc_floors, Some(true));
+        assert_eq!(
+            c.snat[0].to_address,
+            Some(AddressList::Many(vec![
+                "203.0.113.1".into(),
+                "203.0.113.2".into()
+            ]))
+        );
+        assert_eq!(c.snat[1].masquerade, Some(true));
+    }
+
+    #[test]
+    fn unknown_conntrack_field_is_located() {
+        let err = ConfigFile::parse("t.toml", "[conntrack]\nudp_timout = 5\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("t.toml: line 2, column 1: unknown field `udp_timout`"),
+            "{msg}"
+        );
     }
 
     #[test]

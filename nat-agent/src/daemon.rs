@@ -1,7 +1,8 @@
-//! `nat-agent run`: load, attach, fill the maps, serve metrics, detach on SIGTERM/SIGINT.
+//! `nat-agent run`: load, attach, fill the maps, serve metrics and the local API, sweep
+//! expired sessions, detach on SIGTERM/SIGINT.
 //!
-//! One task owns the [`Dataplane`]; everything else (the metrics handler today, the API later)
-//! talks to it through messages, so map access is never shared or locked.
+//! One task owns the [`Dataplane`] (`owner`); everything else (the metrics handler,
+//! the local API) talks to it through messages, so map access is never shared or locked.
 
 use std::{net::SocketAddr, path::Path, sync::Arc};
 
@@ -11,21 +12,19 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tracing::{error, info};
 
 use crate::{
-    compile::CompiledDnat,
-    dataplane::Dataplane,
-    metrics::{Metrics, ScrapeView},
+    api::ApiServer,
+    compile::Compiled,
+    dataplane::{Dataplane, LoadOptions},
+    metrics::Metrics,
     model::Model,
+    owner::{Owner, Request},
 };
 
-/// Requests to the task that owns the dataplane.
-enum Request {
-    /// Read counters and the state needed to label them.
-    Scrape(oneshot::Sender<Result<ScrapeView>>),
-}
-
 /// Runs the agent until SIGTERM or SIGINT. The caller has validated and compiled the config.
-pub async fn run(config_path: &Path, model: Model, compiled: CompiledDnat) -> Result<()> {
-    let mut dataplane = Dataplane::load()?;
+pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result<()> {
+    let mut dataplane = Dataplane::load_with(&LoadOptions {
+        max_sessions: model.conntrack.max_sessions,
+    })?;
     dataplane.start_log_forwarding();
     // Rules first, then attach: the first packet the program sees already has its rules.
     for slot in compiled.slots.values() {
@@ -33,67 +32,69 @@ pub async fn run(config_path: &Path, model: Model, compiled: CompiledDnat) -> Re
     }
     dataplane
         .apply(&compiled)
-        .context("writing the DNAT rules into the maps")?;
+        .context("writing the rules into the maps")?;
+    for rule in &compiled.stateful {
+        info!("{rule}");
+    }
+    if model.snat.iter().any(|r| r.action.translates()) {
+        for iface in &model.interfaces {
+            crate::sysctl::enable_accept_local(&iface.name)?;
+        }
+    }
     dataplane
         .attach_all(&model.interfaces)
         .context("attaching the XDP program")?;
     info!(
         config = %config_path.display(),
         dnat_rules = model.dnat.len(),
+        snat_rules = model.snat.len(),
         interfaces = model.interfaces.len(),
+        max_sessions = model.conntrack.max_sessions,
         "agent running"
     );
 
     let (tx, rx) = mpsc::channel(16);
-    let owner = tokio::spawn(own_dataplane(dataplane, model.clone(), compiled, rx));
+    let owner = tokio::spawn(Owner::new(dataplane, &model, &compiled).run(rx));
 
-    let server = match model.metrics_listen {
-        Some(addr) => Some(start_metrics(addr, tx.clone()).await?),
-        None => None,
+    // From here on, a failure must still let the owner task detach: drop the sender and wait.
+    let served = serve(&model, tx.clone()).await;
+    let result = match served {
+        Ok((metrics, api)) => {
+            let waited = wait_for_shutdown().await;
+            info!("shutting down");
+            if let Some(server) = metrics {
+                server.abort();
+            }
+            api.stop();
+            waited
+        }
+        Err(e) => Err(e),
     };
-
-    wait_for_shutdown().await?;
-    info!("shutting down");
-    if let Some(server) = server {
-        server.abort();
-    }
     drop(tx);
     // The owner task drops the Dataplane, which detaches from every interface.
     owner.await.context("dataplane task")?;
     info!("stopped");
-    Ok(())
+    result
 }
 
-async fn own_dataplane(
-    dataplane: Dataplane,
-    model: Model,
-    compiled: CompiledDnat,
-    mut rx: mpsc::Receiver<Request>,
-) {
-    let rules: Vec<(String, u32)> = model
-        .dnat
-        .iter()
-        .map(|r| (r.name.clone(), compiled.slots[&r.id]))
-        .collect();
-    while let Some(request) = rx.recv().await {
-        match request {
-            Request::Scrape(reply) => {
-                let view = dataplane
-                    .snapshot(rules.iter().map(|(_, s)| *s))
-                    .map(|stats| ScrapeView {
-                        stats,
-                        rules: rules.clone(),
-                        attachments: dataplane
-                            .attachments()
-                            .map(|(n, m)| (n.to_string(), m))
-                            .collect(),
-                        generation: 1,
-                    });
-                let _ = reply.send(view);
+/// Starts the metrics listener (if configured) and the local API.
+async fn serve(
+    model: &Model,
+    tx: mpsc::Sender<Request>,
+) -> Result<(Option<tokio::task::JoinHandle<()>>, ApiServer)> {
+    let metrics = match model.metrics_listen {
+        Some(addr) => Some(start_metrics(addr, tx.clone()).await?),
+        None => None,
+    };
+    match ApiServer::start(&model.api_socket, tx).await {
+        Ok(api) => Ok((metrics, api)),
+        Err(e) => {
+            if let Some(server) = metrics {
+                server.abort();
             }
+            Err(e).context("starting the local API")
         }
     }
-    drop(dataplane);
 }
 
 #[derive(Clone)]

@@ -1,26 +1,38 @@
 //! The kernel side as the agent sees it: the loaded object, its attachments and its maps.
 //!
-//! Map writes go through [`RuleTables`], so the reconciler ([`reconcile`]) is plain logic that
-//! the tests drive with an in-memory table.
+//! Map writes go through [`RuleTables`] and [`SnatTables`], and session access through
+//! [`SessionStore`], so the reconcilers and the expiry sweep are plain logic that the tests
+//! drive with in-memory tables.
 
-use std::collections::BTreeMap;
+mod sessions;
+mod snat;
+mod sys;
 
-use anyhow::{anyhow, Context, Result};
+pub use sessions::{BpfTable, KernelSessions, KvTable, MemStore, SessionStore, Walk};
+pub use snat::{reconcile_snat, SnatTables};
+
+use std::{collections::BTreeMap, ffi::CString};
+
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, LpmTrie, MapData, PerCpuArray, ProgramArray},
     programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
 use nat_common::{
-    maps::{DNAT_FORWARD, DNAT_REVERSE, REASON_COUNTERS, RULE_COUNTERS, XDP_PROGRAM},
+    maps::{
+        BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, MAPPINGS, NEW_FLOW_SLOT,
+        PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS, SNAT_POOLS,
+        SNAT_RULES, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
+    },
     rules::NatRuleSet,
     stats::{Reason, RuleCounters},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    compile::CompiledDnat,
+    compile::{Compiled, CompiledDnat, CompiledSnat},
     model::{Interface, XdpMode},
 };
 
@@ -47,8 +59,8 @@ pub trait RuleTables {
     fn remove(&mut self, table: Table, prefix: Ipv4Net) -> Result<()>;
 }
 
-/// Brings the tries to `desired`: writes every desired set (an in-place replace is atomic per
-/// prefix in the kernel) and then removes prefixes no longer wanted.
+/// Brings the DNAT tries to `desired`: writes every desired set (an in-place replace is atomic
+/// per prefix in the kernel) and then removes prefixes no longer wanted.
 pub fn reconcile(tables: &mut impl RuleTables, desired: &CompiledDnat) -> Result<()> {
     for (table, sets) in [
         (Table::Forward, &desired.forward),
@@ -75,16 +87,98 @@ pub struct StatsSnapshot {
     pub rules: BTreeMap<u32, RuleCounters>,
 }
 
+/// How to load the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Capacity of `SESSIONS`, `REPLIES`, `MAPPINGS` and `BINDINGS` (all four hold one entry
+    /// per session at most, so they are sized alike).
+    pub max_sessions: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_sessions: DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+/// Loads the programs `xdp_nat` reaches by tail call and puts them in `PROGRAMS`. Until they
+/// are there, packets that would start a session are refused (`new_flow_unavailable`), never
+/// passed untranslated.
+fn install_tail_call_programs(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, slot) in [
+        (XDP_RULES_PROGRAM, RULES_SLOT),
+        (XDP_NEW_FLOW_PROGRAM, NEW_FLOW_SLOT),
+    ] {
+        let Some(program) = ebpf.program_mut(name) else {
+            // An object without connection tracking has no such programs.
+            continue;
+        };
+        let program: &mut Xdp = program
+            .try_into()
+            .with_context(|| format!("{name}: program type"))?;
+        program
+            .load()
+            .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
+        let fd = program
+            .fd()
+            .with_context(|| format!("{name}: program file descriptor"))?
+            .try_clone()
+            .with_context(|| format!("{name}: duplicating the program fd"))?;
+        let map = ebpf
+            .map_mut(PROGRAMS)
+            .ok_or_else(|| anyhow!("the object has {name} but no {PROGRAMS} map"))?;
+        let mut programs: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(map).context("opening the program array")?;
+        programs
+            .set(slot, &fd, 0)
+            .with_context(|| format!("installing {name} in {PROGRAMS}[{slot}]"))?;
+    }
+    Ok(())
+}
+
+/// The connection-tracking maps, in the order they are sized and taken.
+const CONNTRACK_MAPS: [&str; 4] = [SESSIONS, REPLIES, MAPPINGS, BINDINGS];
+
+/// What the SNAT tables hold now, so interface changes can be written without the config.
+#[derive(Debug, Default)]
+struct SnatState {
+    compiled: CompiledSnat,
+    /// Interface name -> index as last resolved (absent: the interface did not exist).
+    ifindex: BTreeMap<String, u32>,
+    /// Pools written by the last apply.
+    pools_written: usize,
+}
+
 /// The loaded program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     attached: Vec<(String, XdpMode, XdpLinkId)>,
+    /// The connection-tracking tables; `None` when the object has none (a build without
+    /// connection tracking): then stateful and SNAT rules are refused.
+    sessions: Option<KernelSessions>,
+    max_sessions: u32,
+    snat: SnatState,
 }
 
 impl Dataplane {
-    /// Loads the embedded object into the kernel (no attachment yet).
+    /// Loads the embedded object with default options (no attachment yet).
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the XDP object into the kernel")?;
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// Loads the embedded object into the kernel with `options` (no attachment yet).
+    pub fn load_with(options: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        // Sizes are fixed at map creation, so they are set before the object is loaded; names
+        // the object lacks are ignored by aya.
+        for name in CONNTRACK_MAPS {
+            loader.map_max_entries(name, options.max_sessions);
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the XDP object into the kernel")?;
         let program: &mut Xdp = ebpf
             .program_mut(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("the object has no program {XDP_PROGRAM}"))?
@@ -93,10 +187,36 @@ impl Dataplane {
         program
             .load()
             .context("the kernel verifier rejected the XDP program")?;
+        install_tail_call_programs(&mut ebpf)?;
+        let sessions = take_conntrack_maps(&mut ebpf)?;
+        if sessions.is_none() {
+            info!("the XDP object has no connection tracking maps; SNAT and stateful DNAT are unavailable");
+        }
         Ok(Self {
             ebpf,
             attached: Vec::new(),
+            sessions,
+            max_sessions: options.max_sessions,
+            snat: SnatState::default(),
         })
+    }
+
+    /// Whether the object has connection tracking (sessions, SNAT rules and pools).
+    pub fn has_conntrack(&self) -> bool {
+        self.sessions.is_some()
+            && self.ebpf.map(SNAT_RULES).is_some()
+            && self.ebpf.map(SNAT_POOLS).is_some()
+    }
+
+    /// The capacity the connection-tracking maps were created with.
+    pub fn max_sessions(&self) -> u32 {
+        self.max_sessions
+    }
+
+    /// The session tables, for the expiry sweep and the sessions API; `None` without
+    /// connection tracking.
+    pub fn sessions(&mut self) -> Option<&mut KernelSessions> {
+        self.sessions.as_mut()
     }
 
     /// Forwards the program's aya-log records to `tracing` (via the `log` bridge).
@@ -211,14 +331,91 @@ impl Dataplane {
         }
     }
 
-    /// Writes the compiled rules into the tries.
-    pub fn apply(&mut self, compiled: &CompiledDnat) -> Result<()> {
+    /// Writes a compiled config into the maps: SNAT pools and rules first (DNAT rules with the
+    /// SNAT check consult them), then the DNAT tries. Egress interfaces are resolved here, in
+    /// the agent's network namespace.
+    pub fn apply(&mut self, compiled: &Compiled) -> Result<()> {
+        let needs_conntrack = !compiled.snat.pools.is_empty() || !compiled.stateful.is_empty();
+        if needs_conntrack && !self.has_conntrack() {
+            bail!(
+                "the loaded XDP object has no connection tracking (maps {SESSIONS}, \
+                 {SNAT_RULES}, {SNAT_POOLS}), which [[snat]] rules and stateful DNAT rules need"
+            );
+        }
+        if self.has_conntrack() {
+            let ifindex = resolve_interfaces(compiled.snat.interface_names(), interface_index);
+            for name in compiled.snat.interface_names() {
+                if !ifindex.contains_key(name) {
+                    warn!(interface = name, "out_interface does not exist (yet): its SNAT rules match nothing until it appears");
+                }
+            }
+            reconcile_snat(
+                &mut snat::KernelSnatTables {
+                    ebpf: &mut self.ebpf,
+                },
+                &compiled.snat.resolved_sets(&ifindex),
+                &compiled.snat.pools,
+                self.snat.pools_written,
+            )
+            .context("writing the SNAT rules")?;
+            self.snat = SnatState {
+                compiled: compiled.snat.clone(),
+                ifindex,
+                pools_written: compiled.snat.pools.len(),
+            };
+        }
         reconcile(
             &mut KernelTables {
                 ebpf: &mut self.ebpf,
             },
-            compiled,
+            &compiled.dnat,
         )
+        .context("writing the DNAT rules")
+    }
+
+    /// Resolves the SNAT rules' egress interfaces again and rewrites the rule sets if an index
+    /// changed (an interface created, deleted or recreated since). Returns whether it did.
+    pub fn refresh_snat_interfaces(&mut self) -> Result<bool> {
+        if self
+            .snat
+            .compiled
+            .out_interfaces
+            .iter()
+            .all(Option::is_none)
+        {
+            return Ok(false);
+        }
+        let ifindex = resolve_interfaces(self.snat.compiled.interface_names(), interface_index);
+        if ifindex == self.snat.ifindex {
+            return Ok(false);
+        }
+        for name in self.snat.compiled.interface_names() {
+            let (old, new) = (self.snat.ifindex.get(name), ifindex.get(name));
+            if old != new {
+                match new {
+                    Some(index) => info!(
+                        interface = name,
+                        ifindex = index,
+                        "SNAT out_interface resolved; its rules match from now on"
+                    ),
+                    None => warn!(
+                        interface = name,
+                        "SNAT out_interface disappeared; its rules match nothing until it is back"
+                    ),
+                }
+            }
+        }
+        let sets = self.snat.compiled.resolved_sets(&ifindex);
+        let mut tables = snat::KernelSnatTables {
+            ebpf: &mut self.ebpf,
+        };
+        // Only the sets change: the pools are untouched.
+        for (prefix, set) in &sets {
+            tables.put(*prefix, set)?;
+        }
+        debug!(sets = sets.len(), "SNAT rule sets rewritten");
+        self.snat.ifindex = ifindex;
+        Ok(true)
     }
 
     /// Reads all counters.
@@ -277,6 +474,52 @@ impl Drop for Dataplane {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+/// Takes the four connection-tracking maps out of the object (the program keeps its own
+/// references), or `None` when the object has none of them.
+fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
+    let present = CONNTRACK_MAPS.map(|name| ebpf.map(name).is_some());
+    if present.iter().all(|p| !p) {
+        return Ok(None);
+    }
+    if let Some(i) = present.iter().position(|p| !p) {
+        bail!(
+            "the XDP object has some connection tracking maps but not {}",
+            CONNTRACK_MAPS[i]
+        );
+    }
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| anyhow!("missing map {name}"))
+    };
+    let (sessions, replies, mappings, bindings) = (
+        take(SESSIONS)?,
+        take(REPLIES)?,
+        take(MAPPINGS)?,
+        take(BINDINGS)?,
+    );
+    KernelSessions::new(sessions, replies, mappings, bindings).map(Some)
+}
+
+/// The index of interface `name` in this network namespace, if it exists.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; if_nametoindex
+    // only reads it.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// Resolves `names` with `lookup`; names that do not resolve are left out.
+pub fn resolve_interfaces<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    lookup: impl Fn(&str) -> Option<u32>,
+) -> BTreeMap<String, u32> {
+    names
+        .into_iter()
+        .filter_map(|n| lookup(n).map(|i| (n.to_string(), i)))
+        .collect()
 }
 
 /// [`RuleTables`] over the real tries.

@@ -2,12 +2,18 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library, so tests drive the same code.
 
+pub mod api;
+pub mod client;
 pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod gc;
 pub mod metrics;
 pub mod model;
+mod owner;
+pub mod sessions;
+pub mod sysctl;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -17,11 +23,11 @@ use std::{collections::BTreeMap, path::Path};
 pub struct ConfigError(pub String);
 
 /// Reads, validates and compiles a config file without touching the kernel.
-pub fn load_config(path: &Path) -> Result<(model::Model, compile::CompiledDnat), ConfigError> {
+pub fn load_config(path: &Path) -> Result<(model::Model, compile::Compiled), ConfigError> {
     let file = path.display().to_string();
     let raw = config::ConfigFile::read(path).map_err(|e| ConfigError(e.to_string()))?;
     let model = model::validate(&file, &raw).map_err(|e| ConfigError(e.to_string()))?;
-    let compiled = compile::compile(&model.dnat, &BTreeMap::new()).map_err(|problems| {
+    let compiled = compile::compile(&model, &BTreeMap::new()).map_err(|problems| {
         ConfigError(
             model::ValidationError {
                 file: file.clone(),

@@ -2,8 +2,13 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
-use nat_agent::{daemon, load_config};
+use clap::{Args, Parser, Subcommand};
+use nat_agent::{
+    client::{self, ClientError, SessionsCommand},
+    daemon, load_config,
+    model::DEFAULT_API_SOCKET,
+    sessions::SessionFilter,
+};
 
 /// XDP-accelerated NAT appliance agent.
 #[derive(Parser)]
@@ -27,22 +32,101 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// List, delete or flush sessions of a running agent (like `conntrack -L/-D/-F`).
+    Sessions {
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
 }
 
-/// Exit code for a config that does not validate (nothing was changed).
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// List sessions (all, or those matching every filter given).
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Show at most this many (the agent's default is 10000).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Delete the sessions matching every filter given (at least one).
+    Delete {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Delete every session.
+    Flush {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// The agent's API socket (`[agent] api_socket`).
+    #[arg(long, default_value = DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct FilterArgs {
+    /// tcp, udp or icmp.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// An address of either direction's tuple (inside, remote or external).
+    #[arg(long)]
+    address: Option<String>,
+    /// A port (or ICMP echo id) of either direction's tuple.
+    #[arg(long)]
+    port: Option<String>,
+    /// The name of the DNAT or SNAT rule that made the session.
+    #[arg(long)]
+    rule: Option<String>,
+}
+
+impl FilterArgs {
+    /// Validates the filters with the same parser the agent uses, so mistakes are caught
+    /// before connecting and read the same.
+    fn parse(&self) -> Result<SessionFilter, String> {
+        let pairs: Vec<(String, String)> = [
+            ("protocol", &self.protocol),
+            ("address", &self.address),
+            ("port", &self.port),
+            ("rule", &self.rule),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k.to_string(), v)))
+        .collect();
+        SessionFilter::from_pairs(&pairs, false).map(|q| q.filter)
+    }
+}
+
+/// Exit code for a config that does not validate (nothing was changed), and for bad
+/// command-line arguments.
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match load_config(&config) {
-            Ok((model, _)) => {
+            Ok((model, compiled)) => {
                 println!(
-                    "{}: OK ({} dnat rules, {} interfaces)",
+                    "{}: OK ({} dnat rules, {} snat rules, {} interfaces)",
                     config.display(),
                     model.dnat.len(),
+                    model.snat.len(),
                     model.interfaces.len()
                 );
+                for rule in &compiled.stateful {
+                    println!("{}: {rule}", config.display());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(&e.0),
@@ -73,7 +157,58 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Sessions { action } => sessions(action),
     }
+}
+
+fn sessions(action: SessionsAction) -> ExitCode {
+    let (command, common) = match action {
+        SessionsAction::List {
+            filter,
+            limit,
+            common,
+        } => match filter.parse() {
+            Ok(filter) => (SessionsCommand::List { filter, limit }, common),
+            Err(e) => return usage_error(&e),
+        },
+        SessionsAction::Delete { filter, common } => match filter.parse() {
+            Ok(filter) if filter.is_empty() => {
+                return usage_error(
+                    "delete needs at least one of --protocol, --address, --port, --rule \
+                     (`sessions flush` deletes every session)",
+                )
+            }
+            Ok(filter) => (SessionsCommand::Delete { filter }, common),
+            Err(e) => return usage_error(&e),
+        },
+        SessionsAction::Flush { common } => (SessionsCommand::Flush, common),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(client::run(&common.socket, &command, common.json)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e @ ClientError::Refused { status: 400, .. }) => usage_error(&e.to_string()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn config_error(message: &str) -> ExitCode {

@@ -4,23 +4,80 @@
 //! scraped, so there is no per-packet cost in user space and nothing to drift. Names follow one
 //! prefix (`xdpnat_`), base units and `_total` on counters; no per-flow labels.
 
-use anyhow::{Context, Result};
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::time::Duration;
 
-use crate::{dataplane::StatsSnapshot, model::XdpMode};
+use anyhow::{Context, Result};
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{
+    dataplane::StatsSnapshot,
+    gc::{protocol_name, PortUse, ProtoCounts},
+    model::XdpMode,
+};
 use nat_common::stats::Reason;
+
+/// Which table a rule lives in (the `kind` label of `xdpnat_rules`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleKind {
+    /// `[[dnat]]`.
+    Dnat,
+    /// `[[snat]]`.
+    Snat,
+}
+
+impl RuleKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Dnat => "dnat",
+            RuleKind::Snat => "snat",
+        }
+    }
+}
+
+/// A configured rule and its counter slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// Rule name (the `rule` label).
+    pub name: String,
+    /// `RULE_COUNTERS` slot.
+    pub slot: u32,
+    /// DNAT or SNAT.
+    pub kind: RuleKind,
+}
+
+/// Connection-tracking figures, from the expiry sweep.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConntrackView {
+    /// Sessions in use (counted by the last complete sweep pass).
+    pub sessions: u64,
+    /// Session table capacity.
+    pub capacity: u64,
+    /// Ports in use and capacity per external address and protocol.
+    pub ports: Vec<PortUse>,
+    /// Sessions expired since start, by protocol.
+    pub expiries: ProtoCounts,
+    /// Sweep runs since start.
+    pub gc_runs: u64,
+    /// Duration of the last sweep run.
+    pub gc_last_duration: Duration,
+}
 
 /// Everything a scrape reports, gathered by the task that owns the maps.
 #[derive(Debug, Clone, Default)]
 pub struct ScrapeView {
     /// Counter values.
     pub stats: StatsSnapshot,
-    /// (rule name, counter slot) of every configured rule.
-    pub rules: Vec<(String, u32)>,
+    /// Every configured rule.
+    pub rules: Vec<RuleInfo>,
     /// (interface, mode actually attached).
     pub attachments: Vec<(String, XdpMode)>,
     /// Generation of the config in force (1 for the first applied).
     pub generation: u64,
+    /// Connection tracking; `None` when the loaded object has none.
+    pub conntrack: Option<ConntrackView>,
 }
 
 /// The registered metric families.
@@ -32,7 +89,22 @@ pub struct Metrics {
     rules: IntGaugeVec,
     attached: IntGaugeVec,
     generation: IntGauge,
+    sessions: IntGauge,
+    sessions_capacity: IntGauge,
+    ports_in_use: IntGaugeVec,
+    ports_capacity: IntGaugeVec,
+    allocation_failures: IntCounter,
+    refused: IntCounterVec,
+    expiries: IntCounterVec,
+    gc_runs: IntCounter,
+    gc_last_duration: Gauge,
 }
+
+/// Reasons a new flow is refused for lack of room, and their `reason` label.
+const REFUSALS: [(Reason, &str); 2] = [
+    (Reason::TableFull, "table_full"),
+    (Reason::SessionClash, "session_clash"),
+];
 
 impl Metrics {
     /// Registers the metric families.
@@ -73,13 +145,64 @@ impl Metrics {
             &["version"],
         )?;
         info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for c in [&packets, &rule_packets, &rule_bytes] {
+        let sessions = IntGauge::new("xdpnat_sessions", "Sessions in use")?;
+        let sessions_capacity = IntGauge::new(
+            "xdpnat_sessions_capacity",
+            "Sessions the table can hold (max_sessions)",
+        )?;
+        let ports_in_use = IntGaugeVec::new(
+            Opts::new(
+                "xdpnat_snat_ports_in_use",
+                "External ports claimed, per external address and protocol",
+            ),
+            &["address", "protocol"],
+        )?;
+        let ports_capacity = IntGaugeVec::new(
+            Opts::new(
+                "xdpnat_snat_ports_capacity",
+                "External ports the SNAT rules can hand out, per external address and protocol",
+            ),
+            &["address", "protocol"],
+        )?;
+        let allocation_failures = IntCounter::new(
+            "xdpnat_snat_allocation_failures_total",
+            "New flows refused because no external port was free after bounded probing",
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "xdpnat_sessions_refused_total",
+                "New flows refused a session: table full, or reply tuple already taken",
+            ),
+            &["reason"],
+        )?;
+        let expiries = IntCounterVec::new(
+            Opts::new(
+                "xdpnat_session_expiries_total",
+                "Sessions deleted by the expiry sweep after their idle timeout",
+            ),
+            &["protocol"],
+        )?;
+        let gc_runs = IntCounter::new(
+            "xdpnat_gc_runs_total",
+            "Runs of the expiry sweep (each visits a bounded number of entries)",
+        )?;
+        let gc_last_duration = Gauge::new(
+            "xdpnat_gc_last_duration_seconds",
+            "Duration of the last expiry sweep run",
+        )?;
+        for c in [&packets, &rule_packets, &rule_bytes, &refused, &expiries] {
             registry.register(Box::new(c.clone()))?;
         }
-        for g in [&rules, &attached, &info] {
+        for g in [&rules, &attached, &info, &ports_in_use, &ports_capacity] {
             registry.register(Box::new(g.clone()))?;
         }
-        registry.register(Box::new(generation.clone()))?;
+        for g in [&generation, &sessions, &sessions_capacity] {
+            registry.register(Box::new(g.clone()))?;
+        }
+        for c in [&allocation_failures, &gc_runs] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        registry.register(Box::new(gc_last_duration.clone()))?;
         Ok(Self {
             registry,
             packets,
@@ -88,6 +211,15 @@ impl Metrics {
             rules,
             attached,
             generation,
+            sessions,
+            sessions_capacity,
+            ports_in_use,
+            ports_capacity,
+            allocation_failures,
+            refused,
+            expiries,
+            gc_runs,
+            gc_last_duration,
         })
     }
 
@@ -108,7 +240,7 @@ impl Metrics {
         }
         self.rule_packets.reset();
         self.rule_bytes.reset();
-        for (name, slot) in &view.rules {
+        for RuleInfo { name, slot, .. } in &view.rules {
             let c = view.stats.rules.get(slot).copied().unwrap_or_default();
             for (direction, packets, bytes) in [
                 ("original", c.orig_packets, c.orig_bytes),
@@ -123,9 +255,10 @@ impl Metrics {
             }
         }
         self.rules.reset();
-        self.rules
-            .with_label_values(&["dnat"])
-            .set(view.rules.len() as i64);
+        for kind in [RuleKind::Dnat, RuleKind::Snat] {
+            let n = view.rules.iter().filter(|r| r.kind == kind).count();
+            self.rules.with_label_values(&[kind.as_str()]).set(n as i64);
+        }
         self.attached.reset();
         for (iface, mode) in &view.attachments {
             self.attached
@@ -133,6 +266,7 @@ impl Metrics {
                 .set(1);
         }
         self.generation.set(view.generation as i64);
+        self.render_conntrack(view);
 
         let mut out = Vec::new();
         TextEncoder::new()
@@ -140,6 +274,50 @@ impl Metrics {
             .context("encoding metrics")?;
         String::from_utf8(out).context("metrics are not UTF-8")
     }
+}
+
+impl Metrics {
+    fn render_conntrack(&self, view: &ScrapeView) {
+        let reason = |r: Reason| view.stats.reasons.get(r as usize).copied().unwrap_or(0);
+        self.allocation_failures.reset();
+        self.allocation_failures.inc_by(reason(Reason::NoPort));
+        self.refused.reset();
+        for (r, label) in REFUSALS {
+            self.refused.with_label_values(&[label]).inc_by(reason(r));
+        }
+        self.ports_in_use.reset();
+        self.ports_capacity.reset();
+        self.expiries.reset();
+        self.gc_runs.reset();
+        let Some(ct) = &view.conntrack else {
+            self.sessions.set(0);
+            self.sessions_capacity.set(0);
+            self.gc_last_duration.set(0.0);
+            return;
+        };
+        self.sessions.set(clamp_i64(ct.sessions));
+        self.sessions_capacity.set(clamp_i64(ct.capacity));
+        for p in &ct.ports {
+            let labels = [p.address.to_string(), protocol_name(p.protocol).to_string()];
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            self.ports_in_use
+                .with_label_values(&labels)
+                .set(clamp_i64(p.in_use));
+            self.ports_capacity
+                .with_label_values(&labels)
+                .set(clamp_i64(p.capacity));
+        }
+        for (protocol, n) in ct.expiries.labelled() {
+            self.expiries.with_label_values(&[protocol]).inc_by(n);
+        }
+        self.gc_runs.inc_by(ct.gc_runs);
+        self.gc_last_duration.set(ct.gc_last_duration.as_secs_f64());
+    }
+}
+
+/// Gauges are i64; counts never get near the limit, but never wrap either.
+fn clamp_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]
@@ -151,7 +329,11 @@ mod tests {
     fn renders_rule_and_reason_counters() {
         let m = Metrics::new().unwrap();
         let mut view = ScrapeView {
-            rules: vec![("web".into(), 3)],
+            rules: vec![RuleInfo {
+                name: "web".into(),
+                slot: 3,
+                kind: RuleKind::Dnat,
+            }],
             attachments: vec![("n0".into(), XdpMode::Native)],
             generation: 1,
             ..Default::default()
@@ -179,5 +361,72 @@ mod tests {
         view.rules.clear();
         let text = m.render(&view).unwrap();
         assert!(!text.contains("rule=\"web\""));
+    }
+
+    #[test]
+    fn renders_connection_tracking() {
+        use std::net::Ipv4Addr;
+        let m = Metrics::new().unwrap();
+        let mut view = ScrapeView {
+            rules: vec![
+                RuleInfo {
+                    name: "web".into(),
+                    slot: 0,
+                    kind: RuleKind::Dnat,
+                },
+                RuleInfo {
+                    name: "private-out".into(),
+                    slot: 1,
+                    kind: RuleKind::Snat,
+                },
+            ],
+            conntrack: Some(ConntrackView {
+                sessions: 12,
+                capacity: 262_144,
+                ports: vec![PortUse {
+                    address: Ipv4Addr::new(203, 0, 113, 1),
+                    protocol: 17,
+                    in_use: 5,
+                    capacity: 64_512,
+                }],
+                expiries: ProtoCounts {
+                    tcp: 1,
+                    udp: 2,
+                    icmp: 3,
+                    other: 0,
+                },
+                gc_runs: 9,
+                gc_last_duration: Duration::from_millis(250),
+            }),
+            ..Default::default()
+        };
+        view.stats.reasons = vec![0; Reason::COUNT as usize];
+        view.stats.reasons[Reason::NoPort as usize] = 4;
+        view.stats.reasons[Reason::TableFull as usize] = 6;
+        view.stats.reasons[Reason::SessionClash as usize] = 7;
+        let text = m.render(&view).unwrap();
+        for line in [
+            "xdpnat_sessions 12",
+            "xdpnat_sessions_capacity 262144",
+            "xdpnat_snat_ports_in_use{address=\"203.0.113.1\",protocol=\"udp\"} 5",
+            "xdpnat_snat_ports_capacity{address=\"203.0.113.1\",protocol=\"udp\"} 64512",
+            "xdpnat_snat_allocation_failures_total 4",
+            "xdpnat_sessions_refused_total{reason=\"table_full\"} 6",
+            "xdpnat_sessions_refused_total{reason=\"session_clash\"} 7",
+            "xdpnat_session_expiries_total{protocol=\"icmp\"} 3",
+            "xdpnat_gc_runs_total 9",
+            "xdpnat_gc_last_duration_seconds 0.25",
+            "xdpnat_rules{kind=\"dnat\"} 1",
+            "xdpnat_rules{kind=\"snat\"} 1",
+            "xdpnat_rule_packets_total{direction=\"original\",rule=\"private-out\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // Counters are rendered from the snapshot, not accumulated across scrapes.
+        let again = m.render(&view).unwrap();
+        assert!(again.lines().any(|l| l == "xdpnat_gc_runs_total 9"));
+        view.conntrack = None;
+        let text = m.render(&view).unwrap();
+        assert!(!text.contains("xdpnat_snat_ports_in_use{"), "{text}");
     }
 }

@@ -2,13 +2,31 @@
 //!
 //! Validation collects every problem with the file, the rule and the field named, one line
 //! each, so an operator fixes a config in one pass. Nothing here touches the kernel.
+//!
+//! DNAT and interfaces live here; `[conntrack]` and `[[snat]]` in their own submodules, which
+//! share the field parsers below.
 
-use std::{collections::HashSet, fmt, net::SocketAddr, ops::RangeInclusive};
+mod conntrack;
+mod snat;
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+};
 
 use ipnet::Ipv4Net;
 use nat_common::{ipv4::proto, maps::MAX_RULES};
 
 use crate::config::{ConfigFile, DnatEntry, InterfaceEntry, PortSpec};
+
+pub use conntrack::{Conntrack, Timeouts};
+pub use snat::{SnatAction, SnatRule, DEFAULT_SNAT_PORTS};
+
+/// Where the local API listens when `[agent] api_socket` is not given.
+pub const DEFAULT_API_SOCKET: &str = "/run/xdp-nat/agent.sock";
 
 /// How the XDP program is attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +84,8 @@ impl PortRange {
         self.min..=self.max
     }
 
-    fn overlaps(&self, other: &PortRange) -> bool {
+    /// Whether the two ranges share a port.
+    pub fn overlaps(&self, other: &PortRange) -> bool {
         self.min <= other.max && other.min <= self.max
     }
 }
@@ -113,10 +132,32 @@ impl DnatRule {
 pub struct Model {
     /// Metrics listener address.
     pub metrics_listen: Option<SocketAddr>,
+    /// The local API's unix socket.
+    pub api_socket: PathBuf,
     /// Interfaces, in config order.
     pub interfaces: Vec<Interface>,
     /// DNAT rules, in priority order.
     pub dnat: Vec<DnatRule>,
+    /// SNAT rules, in priority order.
+    pub snat: Vec<SnatRule>,
+    /// Session table size, timeouts and sweep interval.
+    pub conntrack: Conntrack,
+}
+
+impl Model {
+    /// The name of the rule with config id `id`, DNAT or SNAT.
+    pub fn rule_name(&self, id: u32) -> Option<&str> {
+        self.dnat
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.name.as_str())
+            .or_else(|| {
+                self.snat
+                    .iter()
+                    .find(|r| r.id == id)
+                    .map(|r| r.name.as_str())
+            })
+    }
 }
 
 /// One problem with a config, located as precisely as possible.
@@ -170,30 +211,53 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             })
             .ok()
     });
+    let api_socket = validate_api_socket(config.agent.api_socket.as_deref(), &mut problems);
 
     let interfaces = validate_interfaces(&config.interfaces, &mut problems);
 
-    let mut dnat = Vec::new();
+    // DNAT and SNAT rules share one id space and one name space: they share the counter slots
+    // and the `rule` label of the metrics.
     let mut ids = HashSet::new();
     let mut names = HashSet::new();
+    let mut unique = |place: String, id: u32, name: &str, problems: &mut Vec<Problem>| {
+        if !ids.insert(id) {
+            problems.push(Problem {
+                place: place.clone(),
+                field: Some("id"),
+                message: format!("id {id} is used by an earlier rule"),
+            });
+        }
+        if !names.insert(name.to_string()) {
+            problems.push(Problem {
+                place,
+                field: Some("name"),
+                message: format!("name {name:?} is used by an earlier rule"),
+            });
+        }
+    };
+
+    let mut dnat = Vec::new();
     for (index, entry) in config.dnat.iter().enumerate() {
         if let Some(rule) = validate_dnat(index, entry, &mut problems) {
-            let place = rule_place(index, entry);
-            if !ids.insert(rule.id) {
-                problems.push(Problem {
-                    place: place.clone(),
-                    field: Some("id"),
-                    message: format!("id {} is used by an earlier rule", rule.id),
-                });
-            }
-            if !names.insert(rule.name.clone()) {
-                problems.push(Problem {
-                    place,
-                    field: Some("name"),
-                    message: format!("name {:?} is used by an earlier rule", rule.name),
-                });
-            }
+            unique(
+                rule_place("dnat", index, &entry.name, entry.id),
+                rule.id,
+                &rule.name,
+                &mut problems,
+            );
             dnat.push(rule);
+        }
+    }
+    let mut snat = Vec::new();
+    for (index, entry) in config.snat.iter().enumerate() {
+        if let Some(rule) = snat::validate_snat(index, entry, &mut problems) {
+            unique(
+                rule_place("snat", index, &entry.name, entry.id),
+                rule.id,
+                &rule.name,
+                &mut problems,
+            );
+            snat.push(rule);
         }
     }
     if config.dnat.len() > MAX_RULES as usize {
@@ -205,14 +269,29 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
                 config.dnat.len()
             ),
         });
+    } else if config.dnat.len() + config.snat.len() > MAX_RULES as usize {
+        problems.push(Problem {
+            place: "[[snat]]".into(),
+            field: None,
+            message: format!(
+                "{} dnat and {} snat rules; together at most {MAX_RULES} are supported (they share the counter slots)",
+                config.dnat.len(),
+                config.snat.len()
+            ),
+        });
     }
-    check_reverse_ambiguity(&dnat, &mut problems);
+    snat::check_rule_count(config.snat.len(), &mut problems);
+
+    let conntrack = conntrack::validate_conntrack(&config.conntrack, &mut problems);
 
     if problems.is_empty() {
         Ok(Model {
             metrics_listen,
+            api_socket,
             interfaces,
             dnat,
+            snat,
+            conntrack,
         })
     } else {
         Err(ValidationError {
@@ -220,6 +299,34 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             problems,
         })
     }
+}
+
+/// The unix socket path: absolute (the daemon's working directory is nobody's business) and
+/// short enough for `sun_path` (108 bytes with its terminating NUL).
+fn validate_api_socket(value: Option<&str>, problems: &mut Vec<Problem>) -> PathBuf {
+    let Some(s) = value else {
+        return PathBuf::from(DEFAULT_API_SOCKET);
+    };
+    let message = if !Path::new(s).is_absolute() {
+        Some(format!("{s:?} is not an absolute path"))
+    } else if s.len() > 107 {
+        Some(format!(
+            "{s:?} is {} bytes long; a unix socket path holds at most 107",
+            s.len()
+        ))
+    } else if s.ends_with('/') || s.contains('\0') {
+        Some(format!("{s:?} is not a file path"))
+    } else {
+        None
+    };
+    if let Some(message) = message {
+        problems.push(Problem {
+            place: "[agent]".into(),
+            field: Some("api_socket"),
+            message,
+        });
+    }
+    PathBuf::from(s)
 }
 
 fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) -> Vec<Interface> {
@@ -235,18 +342,12 @@ fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) 
     let mut out = Vec::new();
     for entry in entries {
         let place = format!("interface {:?}", entry.name);
-        let name_ok = !entry.name.is_empty()
-            && entry.name.len() <= 15
-            && entry
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+        let name_ok = is_interface_name(&entry.name);
         if !name_ok {
             problems.push(Problem {
                 place: place.clone(),
                 field: Some("name"),
-                message: "not a valid interface name (1 to 15 printable characters, no '/' or ':')"
-                    .into(),
+                message: INTERFACE_NAME_RULE.into(),
             });
         }
         if !seen.insert(entry.name.clone()) {
@@ -279,28 +380,31 @@ fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) 
     out
 }
 
-fn rule_place(index: usize, entry: &DnatEntry) -> String {
-    match (&entry.name, entry.id) {
-        (Some(name), Some(id)) => format!("dnat rule {name:?} (id {id})"),
-        (Some(name), None) => format!("dnat rule {name:?}"),
-        (None, Some(id)) => format!("dnat rule #{} (id {id})", index + 1),
-        (None, None) => format!("dnat rule #{}", index + 1),
+/// What the kernel accepts as an interface name (IFNAMSIZ, no path or alias characters).
+pub(crate) fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+const INTERFACE_NAME_RULE: &str =
+    "not a valid interface name (1 to 15 printable characters, no '/' or ':')";
+
+/// `dnat rule "web" (id 10)`, or as much of it as the entry gives.
+fn rule_place(kind: &str, index: usize, name: &Option<String>, id: Option<i64>) -> String {
+    match (name, id) {
+        (Some(name), Some(id)) => format!("{kind} rule {name:?} (id {id})"),
+        (Some(name), None) => format!("{kind} rule {name:?}"),
+        (None, Some(id)) => format!("{kind} rule #{} (id {id})", index + 1),
+        (None, None) => format!("{kind} rule #{}", index + 1),
     }
 }
 
-/// Validates one `[[dnat]]` entry, pushing a problem per faulty field.
-fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Option<DnatRule> {
-    let place = rule_place(index, e);
-    let before = problems.len();
-    let mut problem = |field: &'static str, message: String| {
-        problems.push(Problem {
-            place: place.clone(),
-            field: Some(field),
-            message,
-        })
-    };
-
-    let id = match e.id {
+/// A rule's `id`: present, 1..=u32::MAX.
+fn rule_id(id: Option<i64>, problem: &mut impl FnMut(&'static str, String)) -> Option<u32> {
+    match id {
         None => {
             problem("id", "missing; every rule needs a stable numeric id".into());
             None
@@ -312,8 +416,15 @@ fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Op
                 None
             }
         },
-    };
-    let name = match &e.name {
+    }
+}
+
+/// A rule's `name`: present, short, and safe as a metrics label value.
+fn rule_name(
+    name: &Option<String>,
+    problem: &mut impl FnMut(&'static str, String),
+) -> Option<String> {
+    match name {
         None => {
             problem("name", "missing".into());
             None
@@ -334,7 +445,43 @@ fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Op
             None
         }
         Some(n) => Some(n.clone()),
+    }
+}
+
+/// `tcp`, `udp` or `icmp`; `Err(())` after reporting anything else.
+fn rule_protocol(
+    value: Option<&str>,
+    problem: &mut impl FnMut(&'static str, String),
+) -> Result<Option<u8>, ()> {
+    match value {
+        None => Ok(None),
+        Some("tcp") => Ok(Some(proto::TCP)),
+        Some("udp") => Ok(Some(proto::UDP)),
+        Some("icmp") => Ok(Some(proto::ICMP)),
+        Some(other) => {
+            problem(
+                "protocol",
+                format!("{other:?} is not one of \"tcp\", \"udp\", \"icmp\" (omit it for any)"),
+            );
+            Err(())
+        }
+    }
+}
+
+/// Validates one `[[dnat]]` entry, pushing a problem per faulty field.
+fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Option<DnatRule> {
+    let place = rule_place("dnat", index, &e.name, e.id);
+    let before = problems.len();
+    let mut problem = |field: &'static str, message: String| {
+        problems.push(Problem {
+            place: place.clone(),
+            field: Some(field),
+            message,
+        })
     };
+
+    let id = rule_id(e.id, &mut problem);
+    let name = rule_name(&e.name, &mut problem);
     let destination = match &e.destination {
         None => {
             problem(
@@ -345,18 +492,8 @@ fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Op
         }
         Some(s) => parse_prefix(s).map_err(|m| problem("destination", m)).ok(),
     };
-    let protocol = match e.protocol.as_deref() {
-        None => None,
-        Some("tcp") => Some(proto::TCP),
-        Some("udp") => Some(proto::UDP),
-        Some("icmp") => Some(proto::ICMP),
-        Some(other) => {
-            problem(
-                "protocol",
-                format!("{other:?} is not one of \"tcp\", \"udp\", \"icmp\" (omit it for any)"),
-            );
-            return None;
-        }
+    let Ok(protocol) = rule_protocol(e.protocol.as_deref(), &mut problem) else {
+        return None;
     };
     let port = e
         .port
@@ -435,7 +572,7 @@ fn validate_dnat(index: usize, e: &DnatEntry, problems: &mut Vec<Problem>) -> Op
 }
 
 /// `198.18.0.5` (a /32) or `198.18.0.0/24` with host bits zero.
-fn parse_prefix(s: &str) -> Result<Ipv4Net, String> {
+pub(crate) fn parse_prefix(s: &str) -> Result<Ipv4Net, String> {
     let net = if s.contains('/') {
         s.parse::<Ipv4Net>()
             .map_err(|_| format!("{s:?} is not an IPv4 address or prefix"))?
@@ -462,7 +599,7 @@ fn parse_port_number(s: &str) -> Result<u16, String> {
 }
 
 /// `80`, `"80"` or `"8000-8009"`.
-fn parse_ports(spec: &PortSpec) -> Result<PortRange, String> {
+pub(crate) fn parse_ports(spec: &PortSpec) -> Result<PortRange, String> {
     match spec {
         PortSpec::Number(n) => {
             let p = parse_port_number(&n.to_string())?;
@@ -501,43 +638,4 @@ fn parse_ports_or_start(spec: &PortSpec, len: u32) -> Result<PortRange, String> 
         min: r.min,
         max: max as u16,
     })
-}
-
-/// Stateless DNAT restores a reply's source from the backend address and port alone. If two
-/// rules send traffic to overlapping backend address/protocol/port spaces, a reply from there
-/// could belong to either VIP: refuse rather than guess.
-fn check_reverse_ambiguity(rules: &[DnatRule], problems: &mut Vec<Problem>) {
-    for (i, later) in rules.iter().enumerate() {
-        for earlier in &rules[..i] {
-            let addrs = earlier.to_address.contains(&later.to_address.network())
-                || later.to_address.contains(&earlier.to_address.network());
-            let protos = match (earlier.protocol, later.protocol) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            };
-            let ports = match (earlier.backend_ports(), later.backend_ports()) {
-                (Some(a), Some(b)) => a.overlaps(&b),
-                _ => true,
-            };
-            if addrs && protos && ports {
-                problems.push(Problem {
-                    place: format!("dnat rule {:?} (id {})", later.name, later.id),
-                    field: Some("to_address"),
-                    message: format!(
-                        "replies from {}{} could belong to this rule or to rule {:?} (id {}); \
-                         stateless DNAT cannot tell them apart. Give each VIP its own backend \
-                         address or port (several VIPs onto one backend port needs connection \
-                         tracking, not yet available)",
-                        later.to_address,
-                        later
-                            .backend_ports()
-                            .map(|p| format!(" port {p}"))
-                            .unwrap_or_default(),
-                        earlier.name,
-                        earlier.id
-                    ),
-                });
-            }
-        }
-    }
 }

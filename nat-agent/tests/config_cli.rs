@@ -20,10 +20,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_nat-agent");
 /// Exit code of `check` and `run` for a config that does not validate.
 const EXIT_CONFIG: i32 = 2;
 
-/// A config using every rule shape once: port, range, ICMP, 1:1 and NETMAP.
+/// A config using every rule shape once: DNAT port, range, ICMP, 1:1 and NETMAP; SNAT to a
+/// pool, MASQUERADE and no_nat; every `[conntrack]` field.
 const GOOD: &str = r#"
 [agent]
 metrics_listen = "127.0.0.1:9469"
+api_socket = "/run/xdp-nat-test/agent.sock"
+
+[conntrack]
+max_sessions = 1048576
+udp_timeout = 300
+tcp_established_timeout = 7440
+tcp_transitory_timeout = 240
+tcp_closed_timeout = 10
+icmp_timeout = 60
+gc_interval = 5
+allow_below_rfc_floors = false
 
 [[interfaces]]
 name = "nat0"
@@ -68,6 +80,28 @@ id = 14
 name = "netmap"
 destination = "198.18.200.0/24"
 to_address = "198.18.9.0/24"
+
+[[snat]]
+id = 100
+name = "platform-exempt"
+source = "198.18.0.0/24"
+destination = "203.0.113.250"
+no_nat = true
+
+[[snat]]
+id = 101
+name = "private-out"
+source = "198.18.0.0/24"
+protocol = "udp"
+out_interface = "nat1"
+to_address = ["203.0.113.1", "203.0.113.8/30"]
+port_range = "1024-65535"
+
+[[snat]]
+id = 102
+name = "masquerade"
+source = "198.18.0.0/16"
+masquerade = true
 "#;
 
 /// A config file in the temp directory, removed when dropped.
@@ -123,6 +157,11 @@ struct BadCase {
 /// A minimal valid config around `dnat` (one interface).
 fn with_rules(dnat: &str) -> String {
     format!("[[interfaces]]\nname = \"nat0\"\n\n{dnat}")
+}
+
+/// An SNAT rule with id, name and source; the action and the rest are `extra` lines.
+fn snat(id: u32, name: &str, source: &str, extra: &str) -> String {
+    format!("[[snat]]\nid = {id}\nname = \"{name}\"\nsource = \"{source}\"\n{extra}")
 }
 
 /// A DNAT rule with every field given; `extra` lines are appended.
@@ -222,20 +261,6 @@ fn bad_cases() -> Vec<BadCase> {
             problems: vec![&["[[interfaces]]", "no interface"]],
         },
         BadCase {
-            label: "two-vips-one-backend-port",
-            text: with_rules(&format!(
-                "{}protocol = \"tcp\"\nport = 80\nto_port = 8080\n\n{}protocol = \"tcp\"\nport = 80\nto_port = 8080\n",
-                rule(10, "web-a", "198.18.100.10", "198.18.1.10"),
-                rule(11, "web-b", "198.18.100.11", "198.18.1.10")
-            )),
-            problems: vec![&[
-                "dnat rule \"web-b\" (id 11)",
-                "field `to_address`",
-                "198.18.1.10/32 port 8080",
-                "\"web-a\" (id 10)",
-            ]],
-        },
-        BadCase {
             label: "several-problems",
             text: with_rules(&format!(
                 "{}port = 80\n\n{}",
@@ -249,6 +274,7 @@ fn bad_cases() -> Vec<BadCase> {
             ],
         },
     ];
+    cases.extend(snat_and_conntrack_cases());
     // 17 rules for one address (distinct ports and backends, so nothing else is wrong): one
     // more than a kernel rule set holds.
     let many: String = (1..=17u16)
@@ -271,6 +297,118 @@ fn bad_cases() -> Vec<BadCase> {
         problems: vec![&["prefix 198.18.100.10/32", "17 rules", "at most 16"]],
     });
     cases
+}
+
+/// The `[[snat]]`, `[conntrack]` and `[agent] api_socket` mistakes.
+fn snat_and_conntrack_cases() -> Vec<BadCase> {
+    let dnat = rule(10, "web", "198.18.100.10", "198.18.1.10");
+    let seventeen: String = (1..=17u32)
+        .map(|i| {
+            snat(
+                100 + i,
+                &format!("s{i}"),
+                "198.18.0.0/24",
+                "no_nat = true\n",
+            ) + "\n"
+        })
+        .collect();
+    vec![
+        BadCase {
+            label: "snat-without-action",
+            text: with_rules(&snat(100, "out", "198.18.0.0/24", "")),
+            problems: vec![&[
+                "snat rule \"out\" (id 100)",
+                "field `to_address`",
+                "exactly one of",
+            ]],
+        },
+        BadCase {
+            label: "snat-two-actions",
+            text: with_rules(&snat(
+                100,
+                "out",
+                "198.18.0.0/24",
+                "to_address = \"203.0.113.1\"\nmasquerade = true\n",
+            )),
+            problems: vec![&[
+                "snat rule \"out\" (id 100)",
+                "field `masquerade`",
+                "exclude each other",
+            ]],
+        },
+        BadCase {
+            label: "snat-pool-too-large",
+            text: with_rules(&snat(
+                100,
+                "out",
+                "198.18.0.0/24",
+                "to_address = \"203.0.113.0/24\"\n",
+            )),
+            problems: vec![&[
+                "snat rule \"out\" (id 100)",
+                "field `to_address`",
+                "at most 64",
+            ]],
+        },
+        BadCase {
+            label: "snat-no-nat-with-ports",
+            text: with_rules(&snat(
+                100,
+                "out",
+                "198.18.0.0/24",
+                "no_nat = true\nport_range = \"2000-3000\"\n",
+            )),
+            problems: vec![&["snat rule \"out\" (id 100)", "field `port_range`", "no_nat"]],
+        },
+        BadCase {
+            label: "snat-id-shared-with-dnat",
+            text: with_rules(&format!(
+                "{dnat}\n{}",
+                snat(10, "out", "198.18.0.0/24", "masquerade = true\n")
+            )),
+            problems: vec![&["snat rule \"out\" (id 10)", "field `id`", "earlier rule"]],
+        },
+        BadCase {
+            label: "snat-name-shared-with-dnat",
+            text: with_rules(&format!(
+                "{dnat}\n{}",
+                snat(100, "web", "198.18.0.0/24", "masquerade = true\n")
+            )),
+            problems: vec![&["snat rule \"web\" (id 100)", "field `name`", "earlier rule"]],
+        },
+        BadCase {
+            label: "seventeen-snat-rules-one-source",
+            text: with_rules(&seventeen),
+            problems: vec![&[
+                "snat source prefix 198.18.0.0/24",
+                "17 snat rules",
+                "at most 16",
+            ]],
+        },
+        BadCase {
+            label: "udp-timeout-below-floor",
+            text: with_rules(&format!("{dnat}\n[conntrack]\nudp_timeout = 30\n")),
+            problems: vec![&[
+                "[conntrack]",
+                "field `udp_timeout`",
+                "RFC 4787 floor of 120 s",
+                "allow_below_rfc_floors",
+            ]],
+        },
+        BadCase {
+            label: "max-sessions-out-of-range",
+            text: with_rules(&format!("{dnat}\n[conntrack]\nmax_sessions = 100\n")),
+            problems: vec![&["[conntrack]", "field `max_sessions`", "1024..=16777216"]],
+        },
+        BadCase {
+            label: "relative-api-socket",
+            text: format!(
+                "[agent]\napi_socket = \"agent.sock\"\n\n{}",
+                with_rules(&dnat)
+            ),
+            problems: vec![&["[agent]", "field `api_socket`", "absolute"]],
+        },
+    ]
 }
 
 /// Checks a refused config's output: exit 2, silent stdout, one `error: <file>: ` line per
@@ -318,8 +456,80 @@ fn check_accepts_the_good_config() {
     assert!(stderr.is_empty(), "stderr:\n{stderr}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        format!("{}: OK (5 dnat rules, 2 interfaces)\n", config.display())
+        format!(
+            "{}: OK (5 dnat rules, 3 snat rules, 2 interfaces)\n",
+            config.display()
+        )
     );
+}
+
+/// Every shipped example validates, so the examples cannot rot.
+#[test]
+fn check_accepts_every_example_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 3, "examples found: {examples:?}");
+    for example in examples {
+        let out = nat_agent(&["check"], &example);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            example.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `nat-agent sessions`: filters are checked before anything is sent (exit 2, the same
+/// messages as the agent's), `delete` needs a filter, and an absent agent is one clear line
+/// naming the socket (exit 1).
+#[test]
+fn sessions_cli_checks_filters_and_reports_an_absent_agent() {
+    let socket = std::env::temp_dir().join(format!(
+        "nat-agent-config-cli-{}-absent.sock",
+        std::process::id()
+    ));
+    let socket = socket.display().to_string();
+    let sessions = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("sessions")
+            .args(args)
+            .args(["--socket", &socket])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {BIN}: {e}"))
+    };
+    for (args, needle) in [
+        (&["list", "--protocol", "sctp"][..], "protocol \"sctp\""),
+        (
+            &["list", "--address", "198.18.0.300"][..],
+            "not an IPv4 address",
+        ),
+        (&["delete", "--port", "http"][..], "port \"http\""),
+        (&["delete"][..], "at least one of"),
+    ] {
+        let out = sessions(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    for args in [&["list"][..], &["flush", "--json"][..]] {
+        let out = sessions(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty());
+        assert!(
+            stderr.starts_with(&format!("error: cannot reach the agent at {socket}")),
+            "{args:?}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -441,6 +651,13 @@ fn run_with_a_bad_config_attaches_nothing() {
     assert!(!ns.has_xdp(), "fresh veth already has XDP:\n{}", ns.link());
 
     let interface = "[[interfaces]]\nname = \"natcli0\"\nxdp_mode = \"generic\"\n\n";
+    // The control's agent gets a socket of its own, so it never collides with another agent.
+    let api = format!(
+        "[agent]\napi_socket = \"{}\"\n\n",
+        std::env::temp_dir()
+            .join(format!("nat-agent-config-cli-{}.sock", std::process::id()))
+            .display()
+    );
     let bad = BadCase {
         label: "bad-rule-real-interface",
         text: format!(
@@ -465,7 +682,7 @@ fn run_with_a_bad_config_attaches_nothing() {
     let good = TempConfig::new(
         "good-real-interface",
         &format!(
-            "{interface}{}",
+            "{api}{interface}{}",
             rule(10, "web", "198.18.100.10", "198.18.1.10")
         ),
     );

@@ -362,13 +362,19 @@ pub struct SnatRuleSet {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY (all): repr(C), explicit padding fields, sizes asserted, any bit pattern valid.
+    // SAFETY: repr(C), explicit padding, size asserted, any bit pattern valid.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Endpoint {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Mapping {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Session {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Pool {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SnatRule {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SnatRuleSet {}
 }
 
@@ -416,7 +422,10 @@ mod tests {
             _pad: [0; 3],
         };
         let r = k.reversed();
-        assert_eq!((r.src, r.dst, r.sport, r.dport), (k.dst, k.src, k.dport, k.sport));
+        assert_eq!(
+            (r.src, r.dst, r.sport, r.dport),
+            (k.dst, k.src, k.dport, k.sport)
+        );
         assert_eq!(r.reversed(), k);
     }
 

@@ -49,7 +49,8 @@ pub fn owner_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// Whether a process with this pid exists (alive or a zombie not yet reaped).
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

@@ -24,6 +24,8 @@ fn debian_package(tool: &str) -> Option<&'static str> {
         "python3" => "python3",
         "nft" => "nftables",
         "tcpdump" => "tcpdump",
+        "chronyd" | "chronyc" => "chrony",
+        "iperf3" => "iperf3",
         _ => return None,
     })
 }
@@ -87,7 +89,7 @@ mod tests {
 
     #[test]
     fn known_tools_name_their_package() {
-        for tool in LAB_TOOLS {
+        for tool in LAB_TOOLS.iter().chain(crate::chrony::CHRONY_TOOLS) {
             assert!(debian_package(tool).is_some(), "{tool}");
         }
     }

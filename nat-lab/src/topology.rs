@@ -9,6 +9,11 @@
 //! route via nat; without a NAT program nat has no route for them, so only translated traffic
 //! gets through. The nat namespace forwards, so the backend's real addresses are reachable
 //! directly too (the no-NAT baseline).
+//!
+//! Scenario 3 of DESIGN.md (DNAT plus MASQUERADE) needs a backend that cannot answer the
+//! client on its own: [`DnatLabOptions::backend_default_route`] set to `false` leaves the
+//! backend with only its connected network, so replies to 198.18.0.0/24 are possible only when
+//! the NAT also rewrites the source to its own address (198.18.1.1).
 
 use std::net::Ipv4Addr;
 
@@ -19,6 +24,23 @@ use crate::{
     tools::{require_root, require_tools, LAB_TOOLS},
 };
 
+/// How [`DnatLab::with_options`] builds the lab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnatLabOptions {
+    /// Give the backend a default route via nat (198.18.1.1). `false` leaves it without any
+    /// route to the client network (scenario 3: only source NAT makes replies possible).
+    pub backend_default_route: bool,
+}
+
+impl Default for DnatLabOptions {
+    /// The routed lab [`DnatLab::new`] builds: the backend has its default route.
+    fn default() -> Self {
+        Self {
+            backend_default_route: true,
+        }
+    }
+}
+
 /// The three namespaces of the DNAT lab, configured as described in the module docs.
 /// Dropping it removes them (and with them the veths).
 #[derive(Debug)]
@@ -27,8 +49,10 @@ pub struct DnatLab {
     pub client: Netns,
     /// The NAT box: `n0` towards the client, `n1` towards the backend; forwards IPv4.
     pub nat: Netns,
-    /// The backend host: `b0`, 198.18.1.2/24 and 198.18.1.3/24, default route via nat.
+    /// The backend host: `b0`, 198.18.1.2/24 and 198.18.1.3/24, default route via nat
+    /// unless [`DnatLabOptions::backend_default_route`] was `false`.
     pub backend: Netns,
+    options: DnatLabOptions,
 }
 
 impl DnatLab {
@@ -61,11 +85,17 @@ impl DnatLab {
     /// Builds the lab in three namespaces with generated unique names (for tests that run
     /// concurrently). Fails, naming the cause, if not root or a tool is missing.
     pub fn new() -> Result<Self> {
+        Self::with_options(DnatLabOptions::default())
+    }
+
+    /// Like [`DnatLab::new`], built as `options` say (e.g. a backend without a route back to
+    /// the client for scenario 3).
+    pub fn with_options(options: DnatLabOptions) -> Result<Self> {
         Self::preflight()?;
         let client = Netns::new()?;
         let nat = Netns::new()?;
         let backend = Netns::new()?;
-        Self::build(client, nat, backend)
+        Self::build(client, nat, backend, options)
     }
 
     /// Builds the lab in namespaces with fixed names (the demo), which must not exist yet.
@@ -74,7 +104,12 @@ impl DnatLab {
         let client = Netns::create_named(client)?;
         let nat = Netns::create_named(nat)?;
         let backend = Netns::create_named(backend)?;
-        Self::build(client, nat, backend)
+        Self::build(client, nat, backend, DnatLabOptions::default())
+    }
+
+    /// The options the lab was built with.
+    pub fn options(&self) -> DnatLabOptions {
+        self.options
     }
 
     /// The three namespace names: client, nat, backend.
@@ -87,12 +122,13 @@ impl DnatLab {
         require_tools(LAB_TOOLS)
     }
 
-    fn build(client: Netns, nat: Netns, backend: Netns) -> Result<Self> {
+    fn build(client: Netns, nat: Netns, backend: Netns, options: DnatLabOptions) -> Result<Self> {
         // On error the guards drop here and take the half-built lab with them.
         let lab = Self {
             client,
             nat,
             backend,
+            options,
         };
         lab.configure().with_context(|| {
             let [c, n, b] = lab.namespaces();
@@ -140,6 +176,10 @@ impl DnatLab {
         // Translated packets arrive with addresses the reverse path check would reject.
         for iface in ["all", "default", Self::NAT_CLIENT_IF, Self::NAT_BACKEND_IF] {
             nat.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+            // A packet the XDP program source-NATs and then hands to the kernel (XDP_PASS)
+            // carries one of this namespace's own addresses as source; without accept_local
+            // the kernel drops it as a martian instead of forwarding it.
+            nat.sysctl(&format!("net.ipv4.conf.{iface}.accept_local"), "1")?;
         }
 
         // Sending sides carry full checksums, as frames off a real wire do: with TX offload a
@@ -164,14 +204,18 @@ impl DnatLab {
         let via_client = Self::NAT_CLIENT_ADDR.to_string();
         self.client
             .run("ip", ["route", "add", "default", "via", &via_client])?;
-        let via_backend = Self::NAT_BACKEND_ADDR.to_string();
-        self.backend
-            .run("ip", ["route", "add", "default", "via", &via_backend])?;
+        if self.options.backend_default_route {
+            let via_backend = Self::NAT_BACKEND_ADDR.to_string();
+            self.backend
+                .run("ip", ["route", "add", "default", "via", &via_backend])?;
+        }
         Ok(())
     }
 }
 
-fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+/// Creates a veth pair from inside `a` with the peer placed straight into `b`, so the names
+/// never appear in the root namespace (concurrent labs reuse them).
+pub(crate) fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     a.run(
         "ip",
         [
@@ -197,7 +241,8 @@ fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     Ok(())
 }
 
-fn add_addr(ns: &Netns, dev: &str, addr: Ipv4Addr, plen: u8) -> Result<()> {
+/// Adds `addr/plen` to `dev` in `ns`.
+pub(crate) fn add_addr(ns: &Netns, dev: &str, addr: Ipv4Addr, plen: u8) -> Result<()> {
     ns.run("ip", ["addr", "add", &format!("{addr}/{plen}"), "dev", dev])?;
     Ok(())
 }

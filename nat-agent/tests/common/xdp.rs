@@ -7,9 +7,9 @@
 
 use aya::programs::{ProgramError, TestRun, TestRunOptions};
 use nat_agent::{
-    compile::{compile, CompiledDnat},
+    compile::{compile, Compiled},
     config::ConfigFile,
-    dataplane::{Dataplane, StatsSnapshot},
+    dataplane::{Dataplane, LoadOptions, StatsSnapshot},
     model::{validate, Model},
 };
 use nat_common::stats::{Reason, RuleCounters};
@@ -114,7 +114,7 @@ pub struct Fixture {
     /// The validated config.
     pub model: Model,
     /// What was written into the maps.
-    pub compiled: CompiledDnat,
+    pub compiled: Compiled,
 }
 
 impl Fixture {
@@ -126,9 +126,13 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("fixture config does not parse: {e}"));
         let model = validate(FIXTURE_FILE, &raw)
             .unwrap_or_else(|e| panic!("fixture config does not validate:\n{e}"));
-        let compiled = compile(&model.dnat, &Default::default())
+        let compiled = compile(&model, &Default::default())
             .unwrap_or_else(|p| panic!("fixture config does not compile: {p:?}"));
-        let mut dataplane = Dataplane::load().unwrap_or_else(|e| {
+        // Sized like `nat-agent run` sizes them, so a fixture can fill a small table.
+        let options = LoadOptions {
+            max_sessions: model.conntrack.max_sessions,
+        };
+        let mut dataplane = Dataplane::load_with(&options).unwrap_or_else(|e| {
             panic!(
                 "cannot load the XDP program: {e:#}\n\
                  These tests run the real program through BPF_PROG_TEST_RUN and need root \
@@ -145,15 +149,26 @@ impl Fixture {
         }
     }
 
-    /// The counter slot of the rule named `name` in the config.
+    /// The counter slot of the (DNAT or SNAT) rule named `name` in the config.
     pub fn slot(&self, name: &str) -> u32 {
-        let rule = self
-            .model
-            .dnat
-            .iter()
-            .find(|r| r.name == name)
+        let id = self
+            .rules()
+            .find(|(_, n)| *n == name)
+            .map(|(id, _)| id)
             .unwrap_or_else(|| panic!("fixture bug: no rule named {name:?}"));
-        self.compiled.slots[&rule.id]
+        self.compiled.slots[&id]
+    }
+
+    /// (id, name) of every rule, DNAT then SNAT.
+    fn rules(&self) -> impl Iterator<Item = (u32, &str)> {
+        let dnat = self.model.dnat.iter().map(|r| (r.id, r.name.as_str()));
+        dnat.chain(self.model.snat.iter().map(|r| (r.id, r.name.as_str())))
+    }
+
+    /// The loaded dataplane, for checks on the session tables
+    /// ([`Dataplane::sessions`]).
+    pub fn dataplane(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
     }
 
     /// Reads every reason counter and every rule's counters.
@@ -249,8 +264,8 @@ impl Fixture {
         rule: Option<(&'static str, Dir)>,
         frame_len: u64,
     ) {
-        for r in &self.model.dnat {
-            let slot = self.compiled.slots[&r.id];
+        for (id, name) in self.rules() {
+            let slot = self.compiled.slots[&id];
             let b = before.rules.get(&slot).copied().unwrap_or_default();
             let a = after.rules.get(&slot).copied().unwrap_or_default();
             let delta = RuleCounters {
@@ -260,12 +275,12 @@ impl Fixture {
                 reply_bytes: a.reply_bytes - b.reply_bytes,
             };
             let want = match rule {
-                Some((name, Dir::Original)) if name == r.name => RuleCounters {
+                Some((rule, Dir::Original)) if rule == name => RuleCounters {
                     orig_packets: 1,
                     orig_bytes: frame_len,
                     ..Default::default()
                 },
-                Some((name, Dir::Reply)) if name == r.name => RuleCounters {
+                Some((rule, Dir::Reply)) if rule == name => RuleCounters {
                     reply_packets: 1,
                     reply_bytes: frame_len,
                     ..Default::default()
@@ -274,8 +289,7 @@ impl Fixture {
             };
             assert_eq!(
                 delta, want,
-                "{what}: counters of rule {:?} (slot {slot})",
-                r.name
+                "{what}: counters of rule {name:?} (slot {slot})"
             );
         }
     }
