@@ -23,6 +23,8 @@ pub const XDP_NEW_FLOW_PROGRAM: &str = "xdp_nat_new_flow";
 /// The XDP program that evaluates the rules for packets that may start a session (stateful
 /// DNAT, DNAT with an SNAT check, SNAT), reached from [`XDP_PROGRAM`] by tail call.
 pub const XDP_RULES_PROGRAM: &str = "xdp_nat_rules";
+/// Benchmark baseline in the object: parses like [`XDP_PROGRAM`] and passes. Never attached.
+pub const XDP_PARSE_PASS_PROGRAM: &str = "xdp_parse_pass";
 /// Program array the agent fills: slot [`NEW_FLOW_SLOT`] holds [`XDP_NEW_FLOW_PROGRAM`], slot
 /// [`RULES_SLOT`] holds [`XDP_RULES_PROGRAM`].
 pub const PROGRAMS: &str = "PROGRAMS";

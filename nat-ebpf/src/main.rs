@@ -9,6 +9,7 @@
 // BPF atomics (`lock add`) are reachable only through inline assembly on this target.
 #![feature(asm_experimental_arch)]
 
+mod baseline;
 mod conntrack;
 mod dnat;
 mod fib;
@@ -52,6 +53,15 @@ pub fn xdp_nat_new_flow(ctx: XdpContext) -> u32 {
     };
     stats::count_reason(reason);
     action_for(reason)
+}
+
+/// Benchmark baseline: parse and pass (see `baseline`). Counts nothing.
+#[xdp]
+pub fn xdp_parse_pass(ctx: XdpContext) -> u32 {
+    match baseline::parse_only(&ctx).action() {
+        Action::Drop => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
 }
 
 #[inline(always)]
