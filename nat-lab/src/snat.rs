@@ -8,9 +8,8 @@
 //! ```
 //! The private hosts (two addresses, so that two inside hosts can use the same source port
 //! and force the NAT to resolve the collision) have a default route via nat. The nat
-//! namespace forwards (reverse-path filter off, `accept_local` on, so that packets the XDP
-//! program source-NATs to nat's own address and hands to the kernel are forwarded, not
-//! dropped as martians) and reaches 198.51.100.0/24 via 203.0.113.10, a second "internet"
+//! namespace forwards (reverse-path filter off; `accept_local`, which source NAT at XDP
+//! ingress needs, is left for the agent to set) and reaches 198.51.100.0/24 via 203.0.113.10, a second "internet"
 //! network behind the first public host. The public namespace has, by default, no route to
 //! 198.18.0.0/24 at all: a private host's packets arrive there with their private source and
 //! the answers have nowhere to go, so only a NAT that rewrites the source to 203.0.113.1 makes
@@ -159,11 +158,9 @@ impl SnatLab {
         // Translated packets arrive with addresses the reverse path check would reject.
         for iface in ["all", "default", Self::NAT_INSIDE_IF, Self::NAT_OUTSIDE_IF] {
             nat.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
-            // A packet the XDP program source-NATs and then hands to the kernel (XDP_PASS)
-            // carries one of this namespace's own addresses as source; without accept_local
-            // the kernel drops it as a martian instead of forwarding it.
-            nat.sysctl(&format!("net.ipv4.conf.{iface}.accept_local"), "1")?;
         }
+        // accept_local is deliberately left at its default: source NAT at XDP ingress needs
+        // it, and the agent must set it itself (the end-to-end tests catch it if it doesn't).
 
         // Sending sides carry full checksums, as frames off a real wire do; GRO gives the
         // receiving veth NAPI, without which frames an XDP program redirects into it vanish

@@ -176,11 +176,9 @@ impl DnatLab {
         // Translated packets arrive with addresses the reverse path check would reject.
         for iface in ["all", "default", Self::NAT_CLIENT_IF, Self::NAT_BACKEND_IF] {
             nat.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
-            // A packet the XDP program source-NATs and then hands to the kernel (XDP_PASS)
-            // carries one of this namespace's own addresses as source; without accept_local
-            // the kernel drops it as a martian instead of forwarding it.
-            nat.sysctl(&format!("net.ipv4.conf.{iface}.accept_local"), "1")?;
         }
+        // accept_local is deliberately left at its default: source NAT at XDP ingress needs
+        // it, and the agent must set it itself (the end-to-end tests catch it if it doesn't).
 
         // Sending sides carry full checksums, as frames off a real wire do: with TX offload a
         // wrong rewritten checksum would go unnoticed (TOOLCHAIN.md "Gotchas"). GRO gives the
