@@ -96,42 +96,23 @@ pub fn translated(pkt: &Ipv4Packet, key: &FlowKey, rule: &NatRule, side: Side) -
     to
 }
 
-/// Applies a forward DNAT rule without a session.
+/// Applies a DNAT rule without a session: `Destination` for the original direction (VIP ->
+/// backend), `Source` for a backend's reply (backend -> VIP).
 #[inline(always)]
-pub fn forward_stateless(
+pub fn apply_stateless(
     ctx: &XdpContext,
     pkt: &Ipv4Packet,
     l4: &L4,
     key: &FlowKey,
     rule: &NatRule,
+    side: Side,
 ) -> Result<Reason, Reason> {
-    let to = translated(pkt, key, rule, Side::Destination);
+    let to = translated(pkt, key, rule, side);
     rewrite(ctx, pkt, l4, key, &to)?;
-    count_rule(
-        ctx,
-        rule.counter_index,
-        Direction::Original,
-        frame_len(ctx) as u64,
-    );
-    Ok(Reason::DnatTranslated)
-}
-
-/// Applies a reverse (reply) DNAT rule statelessly.
-#[inline(always)]
-pub fn reverse(
-    ctx: &XdpContext,
-    pkt: &Ipv4Packet,
-    l4: &L4,
-    key: &FlowKey,
-    rule: &NatRule,
-) -> Result<Reason, Reason> {
-    let to = translated(pkt, key, rule, Side::Source);
-    rewrite(ctx, pkt, l4, key, &to)?;
-    count_rule(
-        ctx,
-        rule.counter_index,
-        Direction::Reply,
-        frame_len(ctx) as u64,
-    );
-    Ok(Reason::DnatReplyTranslated)
+    let (direction, reason) = match side {
+        Side::Destination => (Direction::Original, Reason::DnatTranslated),
+        Side::Source => (Direction::Reply, Reason::DnatReplyTranslated),
+    };
+    count_rule(ctx, rule.counter_index, direction, frame_len(ctx) as u64);
+    Ok(reason)
 }

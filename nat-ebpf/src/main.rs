@@ -28,31 +28,19 @@ use nat_common::stats::{Action, Reason};
 /// Entry point attached to each NAT interface.
 #[xdp]
 pub fn xdp_nat(ctx: XdpContext) -> u32 {
-    let reason = match nat::try_translate(&ctx) {
-        Ok(reason) | Err(reason) => reason,
-    };
-    stats::count_reason(reason);
-    action_for(reason)
+    finish(nat::try_translate(&ctx))
 }
 
 /// Rules that may start a session; reached only by tail call from [`xdp_nat`] (see `nat`).
 #[xdp]
 pub fn xdp_nat_rules(ctx: XdpContext) -> u32 {
-    let reason = match nat::try_rules(&ctx) {
-        Ok(reason) | Err(reason) => reason,
-    };
-    stats::count_reason(reason);
-    action_for(reason)
+    finish(nat::try_rules(&ctx))
 }
 
 /// Creates sessions; reached only by tail call from [`xdp_nat`] (see `newflow`).
 #[xdp]
 pub fn xdp_nat_new_flow(ctx: XdpContext) -> u32 {
-    let reason = match newflow::run(&ctx) {
-        Ok(reason) | Err(reason) => reason,
-    };
-    stats::count_reason(reason);
-    action_for(reason)
+    finish(newflow::run(&ctx))
 }
 
 /// Benchmark baseline: parse and pass (see `baseline`). Counts nothing.
@@ -62,6 +50,16 @@ pub fn xdp_parse_pass(ctx: XdpContext) -> u32 {
         Action::Drop => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Every NAT program ends here: count the exit reason, take its action.
+#[inline(always)]
+fn finish(result: Result<Reason, Reason>) -> u32 {
+    let reason = match result {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::count_reason(reason);
+    action_for(reason)
 }
 
 #[inline(always)]

@@ -24,24 +24,12 @@ use crate::{
     snat::{self, SnatDecision},
 };
 
-#[inline(always)]
-fn flow_key(pkt: &Ipv4Packet, l4: &L4) -> FlowKey {
-    FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// Body of `xdp_nat`. `Ok` and `Err` both carry the exit reason.
 #[inline(always)]
 pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
-    let key = flow_key(&pkt, &l4);
+    let key = l4.flow_key(&pkt);
 
     if l4.trackable(&pkt) {
         if let Some(reason) = conntrack::translate_existing(ctx, &pkt, &l4, &key)? {
@@ -51,14 +39,14 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     if let Some(set) = DNAT_FORWARD.get(Key::new(32, pkt.dst)) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Destination)? {
             if !rule.may_need_session() {
-                return dnat::forward_stateless(ctx, &pkt, &l4, &key, &rule);
+                return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Destination);
             }
             return Err(to_rules_program(ctx));
         }
     }
     if let Some(set) = DNAT_REVERSE.get(Key::new(32, pkt.src)) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Source)? {
-            return dnat::reverse(ctx, &pkt, &l4, &key, &rule);
+            return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Source);
         }
     }
     if SNAT_RULES.get(Key::new(32, pkt.src)).is_some() {
@@ -81,7 +69,7 @@ fn to_rules_program(ctx: &XdpContext) -> Reason {
 pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
-    let key = flow_key(&pkt, &l4);
+    let key = l4.flow_key(&pkt);
     let trackable = l4.trackable(&pkt);
 
     // Destination first (PREROUTING), then source rules on the translated packet (POSTROUTING).
@@ -126,7 +114,7 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
                 Reason::ProtoUnsupported
             });
         }
-        return dnat::forward_stateless(ctx, &pkt, &l4, &key, rule);
+        return dnat::apply_stateless(ctx, &pkt, &l4, &key, rule, Side::Destination);
     }
 
     let choice = match decision {

@@ -82,14 +82,7 @@ pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
     };
     // SAFETY: per-CPU slot from a successful lookup, written by xdp_nat just before.
     let flow = unsafe { *slot };
-    let key = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: l4.sport,
-        dport: l4.dport,
-        proto: pkt.proto,
-        _pad: [0; 3],
-    };
+    let key = l4.flow_key(&pkt);
     // Only reachable by tail call from xdp_nat on this CPU for this packet; check anyway so a
     // stale slot can never translate the wrong packet.
     if !same_key(&key, &flow.key) {

@@ -2,6 +2,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use nat_common::{
+    conntrack::FlowKey,
     ipv4::{self, proto, HeaderInfo},
     stats::Reason,
 };
@@ -121,6 +122,19 @@ pub struct L4 {
 }
 
 impl L4 {
+    /// The packet's tuple, the key of its session if it has one.
+    #[inline(always)]
+    pub fn flow_key(&self, pkt: &Ipv4Packet) -> FlowKey {
+        FlowKey {
+            src: pkt.src,
+            dst: pkt.dst,
+            sport: self.sport,
+            dport: self.dport,
+            proto: pkt.proto,
+            _pad: [0; 3],
+        }
+    }
+
     /// Whether the packet has a tuple connection tracking can key on: a non-fragmented TCP,
     /// UDP or ICMP echo packet.
     #[inline(always)]
