@@ -127,6 +127,22 @@ fn main() -> ExitCode {
                 for rule in &compiled.stateful {
                     println!("{}: {rule}", config.display());
                 }
+                // The effective values, defaults included, so an operator (and the tests) can
+                // see what the RFC floors and the file add up to.
+                let ct = &model.conntrack;
+                let t = &ct.timeouts;
+                println!(
+                    "{}: conntrack max_sessions={} udp_timeout={}s tcp_established_timeout={}s \
+                     tcp_transitory_timeout={}s tcp_closed_timeout={}s icmp_timeout={}s gc_interval={}s",
+                    config.display(),
+                    ct.max_sessions,
+                    t.udp.as_secs(),
+                    t.tcp_established.as_secs(),
+                    t.tcp_transitory.as_secs(),
+                    t.tcp_closed.as_secs(),
+                    t.icmp.as_secs(),
+                    ct.gc_interval.as_secs_f64()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(&e.0),

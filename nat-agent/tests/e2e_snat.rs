@@ -939,6 +939,21 @@ fn conntrack_defaults_are_the_rfc_defaults_and_floors_are_enforced() -> Result<(
         ) == (300, 7440, 240, 60),
         "default timeouts are not the RFC-floor defaults: {t:?}"
     );
+    // The same through the binary: `check` prints the effective values, defaults included.
+    let out = std::process::Command::new(AGENT)
+        .args(["check", "--config"])
+        .arg(defaults.path())
+        .output()
+        .context("running nat-agent check")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success()
+            && stdout.contains(
+                "udp_timeout=300s tcp_established_timeout=7440s tcp_transitory_timeout=240s \
+                 tcp_closed_timeout=10s icmp_timeout=60s"
+            ),
+        "`nat-agent check` does not report the default timeouts: {stdout}"
+    );
 
     let check = |conntrack: &str| -> Result<(Option<i32>, String)> {
         // `check` never creates the socket; it only has to be an absolute path.
