@@ -108,6 +108,9 @@ pub struct InterfaceEntry {
     /// `auto` (native, falling back to generic), `native` or `generic`.
     #[serde(default)]
     pub xdp_mode: Option<String>,
+    /// Who forwards translated packets that arrive here: `kernel` (default) or `xdp`.
+    #[serde(default)]
+    pub forwarding: Option<String>,
 }
 
 /// A port or an inclusive port range: `80`, `"80"` or `"8000-8009"`.

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, ffi::CString};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, LpmTrie, MapData, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::Key, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
     programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
     Ebpf, EbpfLoader,
 };
@@ -26,14 +26,15 @@ use nat_common::{
         PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS, SNAT_POOLS,
         SNAT_RULES, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
     },
+    maps::{FORWARD_COUNTERS, FORWARD_XDP, IFACE_FORWARD},
     rules::NatRuleSet,
-    stats::{Reason, RuleCounters},
+    stats::{ForwardResult, Reason, RuleCounters},
 };
 use tracing::{debug, info, warn};
 
 use crate::{
     compile::{Compiled, CompiledDnat, CompiledSnat},
-    model::{Interface, XdpMode},
+    model::{Forwarding, Interface, XdpMode},
 };
 
 /// The XDP object built by `build.rs` from `nat-ebpf`.
@@ -83,6 +84,8 @@ pub fn reconcile(tables: &mut impl RuleTables, desired: &CompiledDnat) -> Result
 pub struct StatsSnapshot {
     /// Packets per exit reason, indexed by `Reason as usize`.
     pub reasons: Vec<u64>,
+    /// Translated packets per forwarding result, indexed by `ForwardResult as usize`.
+    pub forward: Vec<u64>,
     /// Counters per rule slot that has ever counted.
     pub rules: BTreeMap<u32, RuleCounters>,
 }
@@ -261,6 +264,29 @@ impl Dataplane {
             .context("program type")
     }
 
+    /// The object's XDP program `name`, loaded into the kernel first if it is not yet. For
+    /// benchmarks only: `xdp_parse_pass` (the parse-and-pass baseline) is never loaded
+    /// otherwise, and the tail-called programs' info names the maps they use. A program
+    /// loaded here is neither attached nor put in `PROGRAMS`.
+    pub fn loaded_program(&mut self, name: &str) -> Result<&Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("{name}: program type"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
+        }
+        self.ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("the object has no program {name}"))?
+            .try_into()
+            .with_context(|| format!("{name}: program type"))
+    }
+
     /// Attaches to every interface, honouring each one's mode. On failure, what was attached
     /// is detached again so nothing is left half done.
     pub fn attach_all(&mut self, interfaces: &[Interface]) -> Result<()> {
@@ -308,9 +334,30 @@ impl Dataplane {
                 }
             },
         };
-        info!(interface = %iface.name, mode = mode.as_str(), "XDP program attached");
+        info!(interface = %iface.name, mode = mode.as_str(), forwarding = iface.forwarding.as_str(), "XDP program attached");
         self.attached.push((iface.name.clone(), mode, link));
-        Ok(())
+        self.set_forwarding(iface)
+    }
+
+    /// Tells the program who forwards translated packets arriving on `iface`.
+    fn set_forwarding(&mut self, iface: &Interface) -> Result<()> {
+        let ifindex = crate::sysctl::ifindex(&iface.name)?;
+        let map = self
+            .ebpf
+            .map_mut(IFACE_FORWARD)
+            .ok_or_else(|| anyhow!("missing map {IFACE_FORWARD}"))?;
+        let mut table: AyaHashMap<&mut MapData, u32, u32> =
+            AyaHashMap::try_from(map).context("opening the interface table")?;
+        match iface.forwarding {
+            Forwarding::Xdp => table
+                .insert(ifindex, FORWARD_XDP, 0)
+                .with_context(|| format!("enabling XDP forwarding on {}", iface.name)),
+            // Absent means "the kernel forwards"; a stale entry from a reused index must go.
+            Forwarding::Kernel => match table.remove(&ifindex) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("clearing forwarding on {}", iface.name)),
+            },
+        }
     }
 
     /// Interfaces attached and the mode each one actually got.
@@ -451,7 +498,23 @@ impl Dataplane {
             }
             rules.insert(slot, total);
         }
-        Ok(StatsSnapshot { reasons, rules })
+        let forward_map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(FORWARD_COUNTERS)
+                .ok_or_else(|| anyhow!("missing map {FORWARD_COUNTERS}"))?,
+        )?;
+        let mut forward = Vec::with_capacity(ForwardResult::COUNT as usize);
+        for r in ForwardResult::ALL {
+            let per_cpu = forward_map
+                .get(&(r as u32), 0)
+                .with_context(|| format!("reading {FORWARD_COUNTERS}[{}]", r.name()))?;
+            forward.push(per_cpu.iter().sum());
+        }
+        Ok(StatsSnapshot {
+            reasons,
+            forward,
+            rules,
+        })
     }
 
     /// Zeroes a rule slot's counters (a slot handed to a new rule starts from zero).

@@ -16,7 +16,7 @@ use crate::{
     gc::{protocol_name, PortUse, ProtoCounts},
     model::XdpMode,
 };
-use nat_common::stats::Reason;
+use nat_common::stats::{ForwardResult, Reason};
 
 /// Which table a rule lives in (the `kind` label of `xdpnat_rules`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +84,7 @@ pub struct ScrapeView {
 pub struct Metrics {
     registry: Registry,
     packets: IntCounterVec,
+    forward: IntCounterVec,
     rule_packets: IntCounterVec,
     rule_bytes: IntCounterVec,
     rules: IntGaugeVec,
@@ -116,6 +117,14 @@ impl Metrics {
                 "Packets seen by the XDP program, by exit reason and the action it took",
             ),
             &["reason", "action"],
+        )?;
+        let forward = IntCounterVec::new(
+            Opts::new(
+                "xdpnat_forward_total",
+                "Translated packets by what happened next: left from XDP (redirected, \
+                 transmitted) or handed to the kernel, and why",
+            ),
+            &["result"],
         )?;
         let rule_packets = IntCounterVec::new(
             Opts::new("xdpnat_rule_packets_total", "Packets translated by a rule"),
@@ -190,7 +199,14 @@ impl Metrics {
             "xdpnat_gc_last_duration_seconds",
             "Duration of the last expiry sweep run",
         )?;
-        for c in [&packets, &rule_packets, &rule_bytes, &refused, &expiries] {
+        for c in [
+            &packets,
+            &forward,
+            &rule_packets,
+            &rule_bytes,
+            &refused,
+            &expiries,
+        ] {
             registry.register(Box::new(c.clone()))?;
         }
         for g in [&rules, &attached, &info, &ports_in_use, &ports_capacity] {
@@ -206,6 +222,7 @@ impl Metrics {
         Ok(Self {
             registry,
             packets,
+            forward,
             rule_packets,
             rule_bytes,
             rules,
@@ -226,6 +243,18 @@ impl Metrics {
     /// Renders `view` in the Prometheus text format. Families are reset first so rules and
     /// interfaces that went away disappear.
     pub fn render(&self, view: &ScrapeView) -> Result<String> {
+        self.forward.reset();
+        for result in ForwardResult::ALL {
+            let value = view
+                .stats
+                .forward
+                .get(result as usize)
+                .copied()
+                .unwrap_or(0);
+            self.forward
+                .with_label_values(&[result.name()])
+                .inc_by(value);
+        }
         self.packets.reset();
         for reason in Reason::ALL {
             let value = view

@@ -57,6 +57,28 @@ pub struct Interface {
     pub name: String,
     /// Attach mode.
     pub mode: XdpMode,
+    /// Who forwards translated packets arriving on this interface.
+    pub forwarding: Forwarding,
+}
+
+/// Who forwards a translated packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// The kernel (XDP_PASS after translation): its routing, netfilter and qdiscs apply.
+    Kernel,
+    /// The XDP program (FIB lookup, MAC rewrite, TTL decrement, redirect or XDP_TX); what XDP
+    /// cannot finish still goes to the kernel.
+    Xdp,
+}
+
+impl Forwarding {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::Kernel => "kernel",
+            Forwarding::Xdp => "xdp",
+        }
+    }
 }
 
 /// An inclusive port range, `min <= max`, both non-zero.
@@ -370,10 +392,23 @@ fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) 
                 None
             }
         };
+        let forwarding = match entry.forwarding.as_deref() {
+            None | Some("kernel") => Forwarding::Kernel,
+            Some("xdp") => Forwarding::Xdp,
+            Some(other) => {
+                problems.push(Problem {
+                    place: place.clone(),
+                    field: Some("forwarding"),
+                    message: format!("{other:?} is not one of \"kernel\", \"xdp\""),
+                });
+                Forwarding::Kernel
+            }
+        };
         if let (true, Some(mode)) = (name_ok, mode) {
             out.push(Interface {
                 name: entry.name.clone(),
                 mode,
+                forwarding,
             });
         }
     }

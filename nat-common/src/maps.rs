@@ -53,3 +53,14 @@ pub const DEFAULT_MAX_SESSIONS: u32 = 262_144;
 pub const MAX_SNAT_PREFIXES: u32 = 4_096;
 /// Most SNAT pools (one per SNAT rule).
 pub const MAX_POOLS: u32 = 1_024;
+
+/// Hash, key: ingress interface index, value: `FORWARD_*` flags of that interface (absent: the
+/// kernel forwards translated packets).
+pub const IFACE_FORWARD: &str = "IFACE_FORWARD";
+/// [`IFACE_FORWARD`] flag: translated packets arriving on this interface leave straight from
+/// XDP (FIB lookup, MAC rewrite, TTL decrement, redirect or XDP_TX).
+pub const FORWARD_XDP: u32 = 1;
+/// Most interfaces in [`IFACE_FORWARD`].
+pub const MAX_INTERFACES: u32 = 256;
+/// Per-CPU array indexed by [`crate::stats::ForwardResult`], value: packet count (u64).
+pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";

@@ -59,6 +59,9 @@ pub enum Reason {
     /// The new-flow program could not be reached (not installed in `PROGRAMS`): the new flow
     /// is refused. Means the agent did not finish loading; never expected in operation.
     NewFlowUnavailable = 21,
+    /// TTL 1 or 0 on an interface that forwards from XDP: handed to the kernel untranslated,
+    /// which answers with ICMP time exceeded to the real sender (what traceroute needs).
+    TtlExpiring = 22,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -74,7 +77,7 @@ pub enum Action {
 
 impl Reason {
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -100,6 +103,7 @@ impl Reason {
         Reason::SnatProtoUnsupported,
         Reason::RstNoSession,
         Reason::NewFlowUnavailable,
+        Reason::TtlExpiring,
     ];
 
     /// The metrics label value.
@@ -127,6 +131,7 @@ impl Reason {
             Reason::SnatProtoUnsupported => "snat_proto_unsupported",
             Reason::RstNoSession => "rst_no_session",
             Reason::NewFlowUnavailable => "new_flow_unavailable",
+            Reason::TtlExpiring => "ttl_expiring",
         }
     }
 
@@ -155,7 +160,8 @@ impl Reason {
             | Reason::IcmpErrorPassed
             | Reason::VlanStacked
             | Reason::ProtoUnsupported
-            | Reason::SnatExempt => Action::Pass,
+            | Reason::SnatExempt
+            | Reason::TtlExpiring => Action::Pass,
         }
     }
 }
@@ -167,6 +173,61 @@ impl Action {
             Action::Translated => "translated",
             Action::Pass => "pass",
             Action::Drop => "drop",
+        }
+    }
+}
+
+/// What happened to a translated packet after translation: the second half of its exit. Indexes
+/// the per-CPU `FORWARD_COUNTERS` map. Values are stable: append, never renumber.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForwardResult {
+    /// Forwarding from XDP is off for the ingress interface: XDP_PASS, the kernel forwards.
+    KernelForwards = 0,
+    /// Sent out of another interface (XDP_REDIRECT).
+    Redirected = 1,
+    /// Sent back out of the ingress interface (XDP_TX, one-arm).
+    Transmitted = 2,
+    /// The next hop's MAC is not known yet: the kernel forwards this one and resolves it.
+    NoNeighbour = 3,
+    /// Larger than the egress MTU: the kernel fragments it or answers "fragmentation needed".
+    MtuExceeded = 4,
+    /// No usable route from XDP (unreachable, blackhole, a route XDP cannot take): the kernel
+    /// decides, and answers with ICMP where it should.
+    NoRoute = 5,
+    /// A VLAN-tagged frame: left to the kernel, which owns the VLAN devices.
+    Vlan = 6,
+    /// TTL would expire here (defensive; such packets normally never get translated).
+    TtlExpiring = 7,
+}
+
+impl ForwardResult {
+    /// Number of results; the size of `FORWARD_COUNTERS`.
+    pub const COUNT: u32 = 8;
+
+    /// Every result in index order.
+    pub const ALL: [ForwardResult; Self::COUNT as usize] = [
+        ForwardResult::KernelForwards,
+        ForwardResult::Redirected,
+        ForwardResult::Transmitted,
+        ForwardResult::NoNeighbour,
+        ForwardResult::MtuExceeded,
+        ForwardResult::NoRoute,
+        ForwardResult::Vlan,
+        ForwardResult::TtlExpiring,
+    ];
+
+    /// The metrics label value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ForwardResult::KernelForwards => "kernel_forwards",
+            ForwardResult::Redirected => "redirected",
+            ForwardResult::Transmitted => "transmitted",
+            ForwardResult::NoNeighbour => "no_neighbour",
+            ForwardResult::MtuExceeded => "mtu_exceeded",
+            ForwardResult::NoRoute => "no_route",
+            ForwardResult::Vlan => "vlan",
+            ForwardResult::TtlExpiring => "ttl_expiring",
         }
     }
 }
@@ -195,6 +256,17 @@ unsafe impl aya::Pod for RuleCounters {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_results_are_in_index_order_and_named_uniquely() {
+        for (i, r) in ForwardResult::ALL.iter().enumerate() {
+            assert_eq!(*r as u32, i as u32);
+        }
+        let mut names: Vec<_> = ForwardResult::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ForwardResult::COUNT as usize);
+    }
 
     #[test]
     fn all_is_in_index_order_and_names_are_unique() {

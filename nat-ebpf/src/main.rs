@@ -13,6 +13,7 @@ mod baseline;
 mod conntrack;
 mod dnat;
 mod fib;
+mod forward;
 mod maps;
 mod nat;
 mod newflow;
@@ -28,19 +29,19 @@ use nat_common::stats::{Action, Reason};
 /// Entry point attached to each NAT interface.
 #[xdp]
 pub fn xdp_nat(ctx: XdpContext) -> u32 {
-    finish(nat::try_translate(&ctx))
+    finish(&ctx, nat::try_translate(&ctx))
 }
 
 /// Rules that may start a session; reached only by tail call from [`xdp_nat`] (see `nat`).
 #[xdp]
 pub fn xdp_nat_rules(ctx: XdpContext) -> u32 {
-    finish(nat::try_rules(&ctx))
+    finish(&ctx, nat::try_rules(&ctx))
 }
 
 /// Creates sessions; reached only by tail call from [`xdp_nat`] (see `newflow`).
 #[xdp]
 pub fn xdp_nat_new_flow(ctx: XdpContext) -> u32 {
-    finish(newflow::run(&ctx))
+    finish(&ctx, newflow::run(&ctx))
 }
 
 /// Benchmark baseline: parse and pass (see `baseline`). Counts nothing.
@@ -54,18 +55,21 @@ pub fn xdp_parse_pass(ctx: XdpContext) -> u32 {
 
 /// Every NAT program ends here: count the exit reason, take its action.
 #[inline(always)]
-fn finish(result: Result<Reason, Reason>) -> u32 {
+fn finish(ctx: &XdpContext, result: Result<Reason, Reason>) -> u32 {
     let reason = match result {
         Ok(reason) | Err(reason) => reason,
     };
     stats::count_reason(reason);
-    action_for(reason)
+    action_for(ctx, reason)
 }
 
 #[inline(always)]
-fn action_for(reason: Reason) -> u32 {
+fn action_for(ctx: &XdpContext, reason: Reason) -> u32 {
     match reason.action() {
-        Action::Translated | Action::Pass => xdp_action::XDP_PASS,
+        // Translated packets leave from XDP where the interface says so, else the kernel
+        // forwards them.
+        Action::Translated => forward::send(ctx),
+        Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
     }
 }

@@ -8,9 +8,12 @@ use aya_ebpf::{
 };
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
-    maps::{DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES},
+    maps::{
+        DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES,
+        MAX_SNAT_PREFIXES,
+    },
     rules::NatRuleSet,
-    stats::{Reason, RuleCounters},
+    stats::{ForwardResult, Reason, RuleCounters},
 };
 
 /// Destination prefix (network order) -> DNAT rules that can apply to it, in priority order.
@@ -69,3 +72,12 @@ pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 /// being tail-called. Valid only during that tail call (same CPU, same packet).
 #[map(name = "NEW_FLOW")]
 pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Ingress interface index -> `FORWARD_*` flags (absent: the kernel forwards).
+#[map(name = "IFACE_FORWARD")]
+pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Packets per [`ForwardResult`]: what happened to translated packets after translation.
+#[map(name = "FORWARD_COUNTERS")]
+pub static FORWARD_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(ForwardResult::COUNT, 0);

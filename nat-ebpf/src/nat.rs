@@ -18,6 +18,7 @@ use nat_common::{
 use crate::{
     conntrack,
     dnat::{self, Side},
+    forward,
     maps::{DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
     newflow,
     parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
@@ -28,6 +29,11 @@ use crate::{
 #[inline(always)]
 pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
+    // Where XDP forwards, it is the router: a packet whose TTL runs out here goes to the kernel
+    // untranslated, which answers the real sender with ICMP time exceeded quoting what it sent.
+    if pkt.ttl <= 1 && forward::enabled(ctx) {
+        return Err(Reason::TtlExpiring);
+    }
     let l4 = read_l4(ctx, &pkt);
     let key = l4.flow_key(&pkt);
 

@@ -32,6 +32,8 @@ pub struct Ipv4Packet {
     pub src: [u8; 4],
     /// Destination address, network order.
     pub dst: [u8; 4],
+    /// Time to live.
+    pub ttl: u8,
 }
 
 impl Ipv4Packet {
@@ -83,6 +85,7 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Reason> {
         proto: ip.proto,
         src: ip.src_addr,
         dst: ip.dst_addr,
+        ttl: ip.ttl,
     })
 }
 

@@ -1,0 +1,127 @@
+//! Forwarding straight out of XDP: after translation, the kernel's FIB (routes and neighbours
+//! stay the single source of truth) names the egress interface and next hop; the program
+//! rewrites the MACs, decrements TTL like a router and sends the frame. Whatever XDP cannot
+//! finish (unknown neighbour, oversize, no route, VLAN) goes to the kernel, which resolves the
+//! neighbour or answers with ICMP; the next packets then take the fast path.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use nat_common::{checksum, maps::FORWARD_XDP, stats::ForwardResult};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+use crate::{
+    maps::{FORWARD_COUNTERS, IFACE_FORWARD},
+    packet::ptr_at,
+};
+
+const AF_INET: u8 = 2;
+
+/// Whether translated packets arriving on this interface are forwarded from XDP.
+#[inline(always)]
+pub fn enabled(ctx: &XdpContext) -> bool {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: plain value read from a successful lookup.
+    matches!(IFACE_FORWARD.get_ptr(&ifindex), Some(flags) if unsafe { *flags } & FORWARD_XDP != 0)
+}
+
+/// Sends a translated packet on its way; returns the XDP action.
+#[inline(always)]
+pub fn send(ctx: &XdpContext) -> u32 {
+    let result = if enabled(ctx) {
+        route(ctx)
+    } else {
+        ForwardResult::KernelForwards
+    };
+    count(result);
+    match result {
+        ForwardResult::Redirected => xdp_action::XDP_REDIRECT,
+        ForwardResult::Transmitted => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn count(result: ForwardResult) {
+    if let Some(c) = FORWARD_COUNTERS.get_ptr_mut(result as u32) {
+        // SAFETY: per-CPU slot from a successful lookup.
+        unsafe { *c += 1 };
+    }
+}
+
+/// FIB lookup, MAC rewrite, TTL decrement and redirect; any failure leaves the frame intact.
+#[inline(always)]
+fn route(ctx: &XdpContext) -> ForwardResult {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return ForwardResult::NoRoute;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let eth = unsafe { &mut *eth };
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        // Tagged: the VLAN device, not this interface, is where the kernel routes from.
+        return ForwardResult::Vlan;
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return ForwardResult::NoRoute;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    if ip.ttl <= 1 {
+        return ForwardResult::TtlExpiring;
+    }
+
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: an all-zero bpf_fib_lookup is a valid empty request; used fields are set below.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = ip.proto;
+    params.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+    params.__bindgen_anon_2.tos = ip.tos;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_NO_NEIGH => return ForwardResult::NoNeighbour,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return ForwardResult::MtuExceeded,
+        _ => return ForwardResult::NoRoute,
+    }
+
+    // A router decrements TTL; the checksum word holding TTL is (ttl << 8) | protocol.
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    let new = u16::from_be_bytes([ip.ttl, ip.proto]);
+    ip.check = checksum::update_u16(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
+    eth.dst_addr = params.dmac;
+    eth.src_addr = params.smac;
+
+    if params.ifindex == ingress {
+        return ForwardResult::Transmitted;
+    }
+    // SAFETY: helper call with plain values.
+    let rc = unsafe { bpf_redirect(params.ifindex, 0) };
+    if rc as u32 == xdp_action::XDP_REDIRECT {
+        ForwardResult::Redirected
+    } else {
+        // Cannot happen for a valid ifindex; the frame is already rewritten for the next hop,
+        // which the kernel forwards just as well.
+        ForwardResult::NoRoute
+    }
+}
