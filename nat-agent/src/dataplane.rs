@@ -106,6 +106,16 @@ impl Default for LoadOptions {
     }
 }
 
+/// Whether a map error says the key was not there. aya 0.14 reports a failed delete of an
+/// absent key as the syscall's ENOENT rather than `KeyNotFound`.
+fn is_absent_key(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(err) => err.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// Loads the programs `xdp_nat` reaches by tail call and puts them in `PROGRAMS`. Until they
 /// are there, packets that would start a session are refused (`new_flow_unavailable`), never
 /// passed untranslated.
@@ -354,7 +364,8 @@ impl Dataplane {
                 .with_context(|| format!("enabling XDP forwarding on {}", iface.name)),
             // Absent means "the kernel forwards"; a stale entry from a reused index must go.
             Forwarding::Kernel => match table.remove(&ifindex) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Ok(()) => Ok(()),
+                Err(e) if is_absent_key(&e) => Ok(()),
                 Err(e) => Err(e).with_context(|| format!("clearing forwarding on {}", iface.name)),
             },
         }

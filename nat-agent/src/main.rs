@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use nat_agent::{
     client::{self, ClientError, SessionsCommand},
-    daemon, load_config,
+    daemon, import, load_config,
     model::DEFAULT_API_SOCKET,
     sessions::SessionFilter,
 };
@@ -36,6 +36,32 @@ enum Command {
     Sessions {
         #[command(subcommand)]
         action: SessionsAction,
+    },
+    /// Translate another tool's NAT rules into a config file.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportFrom {
+    /// Translate `iptables-save` output (its *nat table) into a config.
+    ///
+    /// Lines that cannot be translated are reported on stderr with their line number and the
+    /// reason, and the exit code is then 3 (the output holds everything else); 2 when the
+    /// input cannot be read.
+    Iptables {
+        /// The iptables-save output; `-` for standard input.
+        #[arg(long, default_value = "-")]
+        input: PathBuf,
+        /// Where to write the config; standard output when absent or `-`.
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// An interface to attach to (repeat for several); default: those the rules name
+        /// with -i and -o.
+        #[arg(long = "interface", value_name = "NAME")]
+        interfaces: Vec<String>,
     },
 }
 
@@ -174,6 +200,23 @@ fn main() -> ExitCode {
             }
         }
         Command::Sessions { action } => sessions(action),
+        Command::Import {
+            from:
+                ImportFrom::Iptables {
+                    input,
+                    output,
+                    interfaces,
+                },
+        } => ExitCode::from(import::cli::run_iptables(
+            &import::cli::IptablesArgs {
+                input: Some(input),
+                output,
+                interfaces,
+            },
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )),
     }
 }
 

@@ -454,11 +454,14 @@ fn check_accepts_the_good_config() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
     assert!(stderr.is_empty(), "stderr:\n{stderr}");
+    let file = config.display();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!(
-            "{}: OK (5 dnat rules, 3 snat rules, 2 interfaces)\n",
-            config.display()
+            "{file}: OK (5 dnat rules, 3 snat rules, 2 interfaces)\n\
+             {file}: conntrack max_sessions=1048576 udp_timeout=300s \
+             tcp_established_timeout=7440s tcp_transitory_timeout=240s tcp_closed_timeout=10s \
+             icmp_timeout=60s gc_interval=5s\n"
         )
     );
 }

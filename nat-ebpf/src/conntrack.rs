@@ -148,18 +148,27 @@ pub fn create(
     if dnat_rule.is_some() {
         flags |= SESSION_DNAT;
     }
+    let inside = Endpoint {
+        addr: to.src,
+        port: to.sport,
+        proto: to.proto,
+        _pad: 0,
+    };
+    let mut allocation = None;
     if let Some(choice) = &snat {
-        let inside = Endpoint {
-            addr: to.src,
-            port: to.sport,
-            proto: to.proto,
-            _pad: 0,
-        };
-        let external = snat::allocate(&inside, choice, now)?;
-        to.src = external.addr;
-        to.sport = external.port;
+        let claimed = snat::allocate(&inside, choice, now)?;
+        to.src = claimed.external.addr;
+        to.sport = claimed.external.port;
         flags |= SESSION_SNAT;
+        allocation = Some(claimed);
     }
+    // On refusal from here on, a port claimed just now goes back to the pool.
+    let refuse = |reason: Reason| {
+        if let Some(claimed) = &allocation {
+            snat::release(&inside, claimed);
+        }
+        reason
+    };
 
     // The reply entry first: inserting it if absent is what makes the reply tuple ours.
     let reply_key = to.reversed();
@@ -168,9 +177,9 @@ pub fn create(
         Err(e) if e == EEXIST => match REPLIES.get_ptr(&reply_key) {
             // SAFETY: pointer from a successful lookup.
             Some(owner) if same_key(unsafe { &*owner }, key) => {}
-            _ => return Err(Reason::SessionClash),
+            _ => return Err(refuse(Reason::SessionClash)),
         },
-        Err(_) => return Err(Reason::TableFull),
+        Err(_) => return Err(refuse(Reason::TableFull)),
     }
     let session = Session {
         translated: to,
@@ -188,7 +197,7 @@ pub fn create(
         Err(e) if e == EEXIST => false,
         Err(_) => {
             let _ = REPLIES.remove(&reply_key);
-            return Err(Reason::TableFull);
+            return Err(refuse(Reason::TableFull));
         }
     };
     let Some(stored) = SESSIONS.get_ptr_mut(key) else {

@@ -138,11 +138,11 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
 /// Why a packet with SNAT rules for its source but no trackable tuple is not translated.
 #[inline(always)]
 fn untrackable_reason(ctx: &XdpContext, pkt: &Ipv4Packet, l4: &L4, key: &FlowKey) -> Reason {
-    if matches!(
-        snat::decide(ctx, key, pkt.info.total_len as u16),
-        SnatDecision::NoRule
-    ) {
-        return Reason::NoMatch;
+    match snat::decide(ctx, key, pkt.info.total_len as u16) {
+        SnatDecision::NoRule => return Reason::NoMatch,
+        // Exempt traffic (an IPsec bypass, say) passes whatever its protocol.
+        SnatDecision::Exempt => return Reason::SnatExempt,
+        SnatDecision::Translate(_) => {}
     }
     if pkt.info.is_fragment {
         return Reason::SnatFragment;

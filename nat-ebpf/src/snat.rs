@@ -63,7 +63,9 @@ pub fn decide(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> SnatDecision {
         }
         let rule = &set.rules[i];
         i += 1;
-        let interface_ok = rule.out_ifindex == 0 || rule.out_ifindex == egress_ifindex;
+        // Without a route there is no egress interface: only rules without one can match (an
+        // absent interface is also stored as u32::MAX, so "routed" must be checked).
+        let interface_ok = rule.out_ifindex == 0 || (routed && rule.out_ifindex == egress_ifindex);
         let route_ok = routed || rule.action != SNAT_MASQUERADE;
         if !(rule.matches(key.proto, key.dst) && interface_ok && route_ok) {
             continue;
@@ -100,11 +102,21 @@ fn external_addr(inside: &Endpoint, pool: &Pool, choice: &SnatChoice) -> Option<
     Some(pool.addrs[index])
 }
 
+/// An external endpoint handed out by [`allocate`].
+#[derive(Clone, Copy)]
+pub struct Allocation {
+    /// The external endpoint.
+    pub external: Endpoint,
+    /// True when this call claimed it (a new binding and mapping), so a refusal further on
+    /// must give it back; false when an existing mapping was reused.
+    pub fresh: bool,
+}
+
 /// The external endpoint for `inside`: its existing mapping if it still fits the rule
 /// (endpoint-independent mapping), otherwise a newly claimed port, trying the inside port
 /// first and then a bounded walk from a random start.
 #[inline(always)]
-pub fn allocate(inside: &Endpoint, choice: &SnatChoice, now: u64) -> Result<Endpoint, Reason> {
+pub fn allocate(inside: &Endpoint, choice: &SnatChoice, now: u64) -> Result<Allocation, Reason> {
     let Some(pool) = SNAT_POOLS.get(choice.pool) else {
         return Err(Reason::NoPort);
     };
@@ -117,7 +129,10 @@ pub fn allocate(inside: &Endpoint, choice: &SnatChoice, now: u64) -> Result<Endp
         let port = u16::from_be_bytes(m.external.port);
         if m.external.addr == addr && port >= pool.port_min && port <= pool.port_max {
             m.last_used_ns = now;
-            return Ok(m.external);
+            return Ok(Allocation {
+                external: m.external,
+                fresh: false,
+            });
         }
     }
     // SAFETY: helper without arguments.
@@ -133,25 +148,36 @@ pub fn allocate(inside: &Endpoint, choice: &SnatChoice, now: u64) -> Result<Endp
             proto: inside.proto,
             _pad: 0,
         };
-        match BINDINGS.insert(&external, inside, BPF_NOEXIST as u64) {
-            Ok(()) => {}
+        let fresh = match BINDINGS.insert(&external, inside, BPF_NOEXIST as u64) {
+            Ok(()) => true,
             Err(e) if e == EEXIST => {
-                // Taken. It may be ours already (a mapping lost while its binding lived on).
+                // Taken. It may be ours already (a mapping lost while its binding lived on):
+                // then it is reused, not claimed, and must never be released on refusal.
                 match BINDINGS.get_ptr(&external) {
                     // SAFETY: pointer from a successful lookup.
-                    Some(owner) if same_endpoint(unsafe { &*owner }, inside) => {}
+                    Some(owner) if same_endpoint(unsafe { &*owner }, inside) => false,
                     _ => continue,
                 }
             }
             Err(_) => return Err(Reason::TableFull),
-        }
+        };
         let mapping = Mapping {
             external,
             last_used_ns: now,
         };
         // A failure here only loses endpoint independence for later flows; this flow is fine.
         let _ = MAPPINGS.insert(inside, &mapping, BPF_ANY as u64);
-        return Ok(external);
+        return Ok(Allocation { external, fresh });
     }
     Err(Reason::NoPort)
+}
+
+/// Gives back a port [`allocate`] claimed for a flow that was then refused, so a full table does
+/// not also drain the port pool.
+#[inline(always)]
+pub fn release(inside: &Endpoint, allocation: &Allocation) {
+    if allocation.fresh {
+        let _ = MAPPINGS.remove(inside);
+        let _ = BINDINGS.remove(&allocation.external);
+    }
 }

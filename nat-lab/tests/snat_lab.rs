@@ -224,10 +224,11 @@ fn snat_lab_is_configured_and_removed() {
         .nat
         .run("sysctl", ["-n", "net.ipv4.conf.n0.accept_local"])
         .expect("sysctl");
+    // Left at its default on purpose: the agent must set it (the end-to-end tests catch it).
     assert_eq!(
         accept_local.trim(),
-        "1",
-        "source-NATed packets passed to the kernel"
+        "0",
+        "the lab must not do the agent's job of enabling accept_local"
     );
     let addrs = lab
         .nat

@@ -1,11 +1,19 @@
 //! Project tasks, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
 //!
 //! - `lab`: the demo — a client, the NAT agent and a backend in network namespaces.
+//! - `bench kernel`: in-kernel cost per packet (BPF_PROG_TEST_RUN), written to
+//!   `docs/benchmarks.md`.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
+mod bench_fill;
+mod bench_kernel;
+mod bench_packet;
+mod bench_report;
+mod bench_sys;
 mod config;
 mod lab;
 mod signals;
@@ -23,6 +31,8 @@ enum Task {
     /// Run the demo: client -> nat (the agent) -> backend in network namespaces, curl the
     /// VIPs, then keep the lab up until Ctrl-C / SIGTERM (or --duration). Needs root.
     Lab(LabArgs),
+    /// Benchmarks (`bench kernel`: in-kernel cost per packet). Needs root.
+    Bench(bench::BenchArgs),
 }
 
 /// Options of `cargo xtask lab`.
@@ -53,6 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Lab(args) => lab::lab(&args),
+        Task::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -58,6 +58,9 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 /// Time exceeded (an error).
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
+/// TCP flags byte of [`Packet::tcp`]: PSH | ACK (a data segment of an open connection).
+pub const TCP_PSH_ACK: u8 = 0x18;
+
 /// IPv4 option kinds.
 pub const IPOPT_EOL: u8 = 0;
 /// No-operation option (one byte).
@@ -104,12 +107,14 @@ pub enum UdpChecksum {
 /// The part of an IPv4 datagram after the IP header.
 #[derive(Clone, Debug)]
 pub enum L4 {
-    /// A TCP segment without options (PSH|ACK), checksum computed.
+    /// A TCP segment without options, checksum computed.
     Tcp {
         /// Source port.
         sport: u16,
         /// Destination port.
         dport: u16,
+        /// The flags byte (PSH|ACK unless a fixture says otherwise, see [`TCP_PSH_ACK`]).
+        flags: u8,
         /// Data after the header.
         payload: Vec<u8>,
     },
@@ -163,6 +168,7 @@ impl L4 {
             L4::Tcp {
                 sport,
                 dport,
+                flags,
                 payload,
             } => {
                 let mut s = Vec::with_capacity(TCP_HLEN + payload.len());
@@ -171,7 +177,7 @@ impl L4 {
                 s.extend_from_slice(&0x1122_3344u32.to_be_bytes()); // sequence
                 s.extend_from_slice(&0x5566_7788u32.to_be_bytes()); // acknowledgement
                 s.push(((TCP_HLEN / 4) as u8) << 4); // data offset, no options
-                s.push(0x18); // PSH | ACK
+                s.push(*flags);
                 s.extend_from_slice(&64240u16.to_be_bytes()); // window
                 s.extend_from_slice(&[0, 0]); // checksum, filled below
                 s.extend_from_slice(&[0, 0]); // urgent pointer
@@ -283,6 +289,7 @@ impl Packet {
             L4::Tcp {
                 sport,
                 dport,
+                flags: TCP_PSH_ACK,
                 payload: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
             },
         )
@@ -380,6 +387,29 @@ impl Packet {
                 *payload = data
             }
             L4::Raw { bytes, .. } => *bytes = data,
+        }
+        self
+    }
+
+    /// Sets the TCP flags byte (SYN, SYN|ACK, RST...; see `nat_common::conntrack::tcp_flags`).
+    pub fn with_tcp_flags(mut self, value: u8) -> Self {
+        match &mut self.l4 {
+            L4::Tcp { flags, .. } => *flags = value,
+            other => panic!("fixture bug: not TCP: {other:?}"),
+        }
+        self
+    }
+
+    /// Sets the identifier of an ICMP echo request or reply (the first two bytes after the
+    /// checksum; the sequence number stays).
+    pub fn with_echo_id(mut self, id: u16) -> Self {
+        match &mut self.l4 {
+            L4::Icmp {
+                icmp_type: ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY,
+                rest,
+                ..
+            } => rest[..2].copy_from_slice(&id.to_be_bytes()),
+            other => panic!("fixture bug: not an ICMP echo: {other:?}"),
         }
         self
     }
@@ -813,6 +843,23 @@ mod tests {
         assert_eq!(&f[26..30], &[198, 51, 100, 7]);
         assert_eq!(&f[42..], &[PAD_BYTE; 18]);
         assert_eq!(verify_checksums(&f), Ok(L4Check::UdpNoChecksum));
+    }
+
+    #[test]
+    fn tcp_flags_and_echo_ids_land_in_their_fields() {
+        let syn = Packet::tcp("198.18.0.2", 40000, "198.51.100.53", 443)
+            .with_tcp_flags(0x02)
+            .build();
+        assert_eq!(syn[ETH_HLEN + IPV4_HLEN + 13], 0x02);
+        assert_eq!(verify_checksums(&syn), Ok(L4Check::Valid));
+        let echo = Packet::icmp_echo("198.18.0.2", "198.51.100.53")
+            .with_echo_id(0x1234)
+            .build();
+        assert_eq!(
+            &echo[ETH_HLEN + IPV4_HLEN + 4..][..4],
+            &[0x12, 0x34, 0x00, 0x07]
+        );
+        assert_eq!(verify_checksums(&echo), Ok(L4Check::Valid));
     }
 
     #[test]

@@ -5,11 +5,17 @@
 //! in parallel threads never see each other's counters. Counters are compared as deltas
 //! around each run, so several checks can share one fixture.
 
-use aya::programs::{ProgramError, TestRun, TestRunOptions};
+use aya::{
+    maps::{Map, MapData},
+    programs::{ProgramError, TestRun, TestRunOptions},
+};
 use nat_agent::{
     compile::{compile, Compiled},
     config::ConfigFile,
-    dataplane::{Dataplane, LoadOptions, StatsSnapshot},
+    dataplane::{
+        Dataplane, KernelSessions, KvTable, LoadOptions, MemStore, SessionStore, StatsSnapshot,
+        Walk,
+    },
     model::{validate, Model},
 };
 use nat_common::stats::{Reason, RuleCounters};
@@ -45,6 +51,9 @@ pub struct Expect {
     /// The rule (by config name) whose counters must count this frame; every other rule's
     /// counters must stay.
     pub rule: Option<(&'static str, Dir)>,
+    /// Further rules that must count this frame too (a session made by a DNAT and an SNAT
+    /// rule counts its packets in both).
+    pub also: Vec<(&'static str, Dir)>,
 }
 
 impl Expect {
@@ -55,6 +64,7 @@ impl Expect {
             reason: Reason::DnatTranslated,
             output: expected,
             rule: Some((rule, Dir::Original)),
+            also: Vec::new(),
         }
     }
 
@@ -65,6 +75,7 @@ impl Expect {
             reason: Reason::DnatReplyTranslated,
             output: expected,
             rule: Some((rule, Dir::Reply)),
+            also: Vec::new(),
         }
     }
 
@@ -75,6 +86,23 @@ impl Expect {
             reason,
             output: input.to_vec(),
             rule: None,
+            also: Vec::new(),
+        }
+    }
+
+    /// Translated by a session (`SessionNew`, `SessionOrig` or `SessionReply`) into exactly
+    /// `expected`, counted by every rule in `rules` (at least one: the session's DNAT and/or
+    /// SNAT rule) in its direction.
+    pub fn session(reason: Reason, expected: Vec<u8>, rules: &[(&'static str, Dir)]) -> Self {
+        let (first, rest) = rules
+            .split_first()
+            .expect("fixture bug: a session translation counts in at least one rule");
+        Expect {
+            action: XDP_PASS,
+            reason,
+            output: expected,
+            rule: Some(*first),
+            also: rest.to_vec(),
         }
     }
 
@@ -86,6 +114,7 @@ impl Expect {
             reason,
             output: input.to_vec(),
             rule: None,
+            also: Vec::new(),
         }
     }
 }
@@ -97,6 +126,26 @@ pub struct RunOutput {
     pub action: u32,
     /// The frame after the program (what the kernel would pass on).
     pub frame: Vec<u8>,
+}
+
+/// One run with the counters read around it, before anything is asserted: for fixtures whose
+/// expected frame depends on what the program chose (an allocated port, read back from the
+/// maps). [`Fixture::verify`] then checks it like [`Fixture::check`] does.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// What the run produced.
+    pub out: RunOutput,
+    /// The input frame's length (rule counters count whole frames).
+    input_len: usize,
+    before: StatsSnapshot,
+    after: StatsSnapshot,
+}
+
+impl Observed {
+    /// The reason counters that changed in this run, with the change.
+    pub fn reasons(&self) -> Vec<(Reason, u64)> {
+        reason_deltas(&self.before, &self.after)
+    }
 }
 
 /// What [`Fixture::check`] saw, for checks that span several frames (fragments).
@@ -115,6 +164,9 @@ pub struct Fixture {
     pub model: Model,
     /// What was written into the maps.
     pub compiled: Compiled,
+    /// `ingress_ifindex` passed in the run's `xdp_md` context; `None`: no context (the kernel
+    /// then uses the loopback device of the running thread's network namespace).
+    ingress_ifindex: Option<u32>,
 }
 
 impl Fixture {
@@ -146,7 +198,69 @@ impl Fixture {
             dataplane,
             model,
             compiled,
+            ingress_ifindex: None,
         }
+    }
+
+    /// Makes later runs arrive on interface `ifindex` (of the network namespace of the thread
+    /// that runs them): the program's FIB lookups then start from that interface. `None`
+    /// restores the default (no context passed).
+    pub fn set_ingress_ifindex(&mut self, ifindex: Option<u32>) {
+        self.ingress_ifindex = ifindex;
+    }
+
+    /// The connection-tracking tables of the loaded object (`SESSIONS`, `REPLIES`,
+    /// `MAPPINGS`, `BINDINGS`), through the agent's own store.
+    pub fn conntrack(&mut self) -> &mut KernelSessions {
+        self.dataplane
+            .sessions()
+            .expect("the loaded object has no connection-tracking maps")
+    }
+
+    /// A copy of all four connection-tracking tables.
+    pub fn conntrack_snapshot(&mut self) -> MemStore {
+        let store = self.conntrack();
+        MemStore {
+            sessions: dump(store.sessions(), "SESSIONS"),
+            replies: dump(store.replies(), "REPLIES"),
+            mappings: dump(store.mappings(), "MAPPINGS"),
+            bindings: dump(store.bindings(), "BINDINGS"),
+        }
+    }
+
+    /// A second handle on the map `name` of this fixture's `xdp_nat` program (found through
+    /// the program's map ids, so parallel fixtures never see each other's maps): for writes
+    /// the agent's API does not offer, such as filling `SESSIONS` with synthetic entries.
+    pub fn program_map(&self, name: &str) -> MapData {
+        let program = self
+            .dataplane
+            .program()
+            .unwrap_or_else(|e| panic!("the loaded object has no XDP program: {e:#}"));
+        let info = program
+            .info()
+            .unwrap_or_else(|e| panic!("reading the program's info: {e:#}"));
+        let ids = info
+            .map_ids()
+            .unwrap_or_else(|e| panic!("reading the program's map ids: {e:#}"))
+            .expect("the kernel reports no map ids for the program");
+        for id in ids {
+            let map = MapData::from_id(id).unwrap_or_else(|e| panic!("opening map id {id}: {e:#}"));
+            let map_name = map
+                .info()
+                .unwrap_or_else(|e| panic!("reading map id {id}'s info: {e:#}"))
+                .name_as_str()
+                .map(str::to_owned);
+            if map_name.as_deref() == Some(name) {
+                return map;
+            }
+        }
+        panic!("the xdp_nat program uses no map named {name:?}")
+    }
+
+    /// [`Fixture::program_map`] as an `aya::maps::Map::HashMap`, ready for
+    /// `aya::maps::HashMap::try_from`.
+    pub fn program_hash_map(&self, name: &str) -> Map {
+        Map::HashMap(self.program_map(name))
     }
 
     /// The counter slot of the (DNAT or SNAT) rule named `name` in the config.
@@ -188,9 +302,19 @@ impl Fixture {
         // Room for growth although the program never changes the frame size: the kernel fails
         // the run with ENOSPC rather than truncate silently, which would be a clear message.
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex (all u32). The kernel wants data_meta 0, data_end equal to the frame
+        // length and egress_ifindex 0 (net/bpf/test_run.c).
+        let ctx: Option<Vec<u8>> = self.ingress_ifindex.map(|ifindex| {
+            [0, frame.len() as u32, 0, ifindex, 0, 0]
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect()
+        });
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_in: ctx.as_deref(),
             ..TestRunOptions::new()
         })?;
         out.truncate(result.data_size_out as usize);
@@ -216,21 +340,40 @@ impl Fixture {
     /// of the frame's length, in the named direction). For a translation it also recomputes the
     /// output's IP and L4 checksums from scratch and reports what the L4 check found.
     pub fn check(&self, what: &str, input: &[u8], expect: &Expect) -> Checked {
+        let observed = self.observe(input);
+        self.verify(what, &observed, expect)
+    }
+
+    /// Runs `input` once with the counters read before and after; nothing is asserted yet.
+    pub fn observe(&self, input: &[u8]) -> Observed {
         let before = self.counters();
         let out = self.run(input);
         let after = self.counters();
+        Observed {
+            out,
+            input_len: input.len(),
+            before,
+            after,
+        }
+    }
+
+    /// Checks an [`Observed`] run against `expect`, exactly as [`Fixture::check`] does.
+    pub fn verify(&self, what: &str, observed: &Observed, expect: &Expect) -> Checked {
+        let (before, after, out) = (&observed.before, &observed.after, &observed.out);
 
         assert_eq!(
             (action_name(out.action), out.action),
             (action_name(expect.action), expect.action),
             "{what}: XDP action (expected exit reason {:?}); reason counter deltas: {:?}",
             expect.reason,
-            reason_deltas(&before, &after)
+            reason_deltas(before, after)
         );
         // The reason first: it names the path the program took, the most telling message.
-        self.assert_reason_delta(what, &before, &after, expect.reason);
+        self.assert_reason_delta(what, before, after, expect.reason);
         assert_frames_eq(&out.frame, &expect.output, what);
-        self.assert_rule_deltas(what, &before, &after, expect.rule, input.len() as u64);
+        let rules: Vec<(&'static str, Dir)> =
+            expect.rule.iter().chain(&expect.also).copied().collect();
+        self.assert_rule_deltas(what, before, after, &rules, observed.input_len as u64);
 
         // Separately from the byte comparison: a translated frame must be internally
         // consistent, whatever the expected frame says.
@@ -239,7 +382,7 @@ impl Fixture {
                 .unwrap_or_else(|e| panic!("{what}: translated frame has a bad checksum: {e}"))
         });
         Checked {
-            frame: out.frame,
+            frame: out.frame.clone(),
             l4,
         }
     }
@@ -261,7 +404,7 @@ impl Fixture {
         what: &str,
         before: &StatsSnapshot,
         after: &StatsSnapshot,
-        rule: Option<(&'static str, Dir)>,
+        rules: &[(&'static str, Dir)],
         frame_len: u64,
     ) {
         for (id, name) in self.rules() {
@@ -274,19 +417,22 @@ impl Fixture {
                 reply_packets: a.reply_packets - b.reply_packets,
                 reply_bytes: a.reply_bytes - b.reply_bytes,
             };
-            let want = match rule {
-                Some((rule, Dir::Original)) if rule == name => RuleCounters {
-                    orig_packets: 1,
-                    orig_bytes: frame_len,
-                    ..Default::default()
-                },
-                Some((rule, Dir::Reply)) if rule == name => RuleCounters {
-                    reply_packets: 1,
-                    reply_bytes: frame_len,
-                    ..Default::default()
-                },
-                _ => RuleCounters::default(),
-            };
+            let mut want = RuleCounters::default();
+            for (rule, dir) in rules {
+                if *rule != name {
+                    continue;
+                }
+                match dir {
+                    Dir::Original => {
+                        want.orig_packets += 1;
+                        want.orig_bytes += frame_len;
+                    }
+                    Dir::Reply => {
+                        want.reply_packets += 1;
+                        want.reply_bytes += frame_len;
+                    }
+                }
+            }
             assert_eq!(
                 delta, want,
                 "{what}: counters of rule {name:?} (slot {slot})"
@@ -302,6 +448,24 @@ fn reason_deltas(before: &StatsSnapshot, after: &StatsSnapshot) -> Vec<(Reason, 
         .map(|&r| (r, after.reasons[r as usize] - before.reasons[r as usize]))
         .filter(|&(_, d)| d != 0)
         .collect()
+}
+
+/// Every entry of one connection-tracking table.
+fn dump<K: Ord + Copy, V: Copy>(
+    table: &mut dyn KvTable<K, V>,
+    name: &str,
+) -> std::collections::BTreeMap<K, V> {
+    // A fixture is the only writer besides its own program runs, so one walk sees everything.
+    match table
+        .walk(None, usize::MAX)
+        .unwrap_or_else(|e| panic!("walking {name}: {e:#}"))
+    {
+        Walk::Page { entries, next } => {
+            assert!(next.is_none(), "{name}: walk stopped early");
+            entries.into_iter().collect()
+        }
+        Walk::Lost => panic!("{name}: walk lost its cursor with no concurrent deletions"),
+    }
 }
 
 fn action_name(action: u32) -> &'static str {

@@ -1,0 +1,1115 @@
+//! `cargo xtask bench kernel`: what the XDP programs cost per packet, timed by the kernel
+//! (BPF_PROG_TEST_RUN), next to the parse-and-pass baseline `xdp_parse_pass` timed the same
+//! way in the same repetition.
+//!
+//! Two traps shape the method:
+//! - **A repeated run sees its own output.** With `repeat`, the kernel runs the program again
+//!   and again on the same buffer, so after the first run a DNAT packet is already
+//!   translated. Each repeated row therefore uses a pair of rules or sessions that mirror each
+//!   other (VIP -> backend and backend -> VIP; a session and its mirror image), so every run
+//!   takes the path it claims to measure. The exit-reason counters prove it: after every
+//!   measurement the one expected reason must have grown by exactly the number of runs.
+//! - **A new flow needs a new 5-tuple per packet**, so it cannot be repeated: new flows are
+//!   single runs (one syscall each) whose kernel-reported durations are averaged, beside a
+//!   parse-and-pass baseline timed the same way (a single run carries fixed timer overhead
+//!   that `repeat` amortises).
+
+use std::{collections::BTreeMap, time::Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use nat_agent::{
+    compile::compile,
+    config::ConfigFile,
+    dataplane::{Dataplane, LoadOptions, SessionStore},
+    model::{validate, ValidationError},
+};
+use nat_common::{
+    conntrack::FlowKey,
+    maps::{XDP_NEW_FLOW_PROGRAM, XDP_PARSE_PASS_PROGRAM},
+    stats::Reason,
+};
+
+use crate::{
+    bench_fill::{ConntrackMaps, FillSpec, PoolShape, Population, Rng, POOL_PORT_MIN},
+    bench_packet::{frame_key, show, udp_frame, udp_key},
+    bench_report::{Goal, Report, Row, ScalePoint, Timing},
+    bench_sys,
+    signals::check_interrupted,
+};
+
+/// `XDP_DROP` (uapi `enum xdp_action`).
+const XDP_DROP: u32 = 1;
+/// `XDP_PASS`.
+const XDP_PASS: u32 = 2;
+
+/// What to measure and how hard.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Repetitions; every configuration is measured once per repetition, in a fixed order.
+    pub reps: u32,
+    /// Runs per repeated measurement.
+    pub repeat: u32,
+    /// Single runs per new-flow (and other single-run) measurement.
+    pub single_runs: u32,
+    /// Capacity of the fill-level tables, which is also the size of their port pool.
+    pub max_sessions: u32,
+    /// Fill levels of table and port pool, percent.
+    pub fill_levels: Vec<u32>,
+    /// Scale points that must be measured (capacities).
+    pub scale: Vec<u32>,
+    /// Scale points measured only if memory allows.
+    pub scale_if_memory: Vec<u32>,
+    /// The CPU everything runs on.
+    pub cpu: usize,
+}
+
+/// Scale points hold this share of their capacity, percent: the top fill level, where a
+/// table is hardest on lookups and allocation.
+const SCALE_FILL_PCT: u64 = 90;
+/// Sessions per inside endpoint at scale: enough destinations per endpoint that 16Mi sessions
+/// fit the ports of a 64-address pool at half use.
+const SCALE_PER_ENDPOINT: u32 = 8;
+/// A scale point is tried only if its tables would take at most this share of the memory
+/// left (the rest of the machine keeps running).
+const SCALE_MEMORY_SHARE: f64 = 0.5;
+/// Kernel bytes per session slot assumed before any point has been measured (four hash maps
+/// with preallocated elements take about 400).
+const BYTES_PER_SLOT_GUESS: u64 = 600;
+
+// The main configuration's addresses (RFC 2544 / 5737 benchmark and documentation ranges).
+const CLIENT: [u8; 4] = [198, 18, 0, 10];
+const VIP: [u8; 4] = [198, 18, 100, 10];
+const BACKEND: [u8; 4] = [198, 18, 1, 2];
+const INSIDE: [u8; 4] = [10, 0, 0, 2];
+const EXTERNAL: [u8; 4] = [203, 0, 113, 1];
+const REMOTE: [u8; 4] = [198, 51, 100, 7];
+const NO_MATCH_SRC: [u8; 4] = [198, 19, 0, 1];
+const NO_MATCH_DST: [u8; 4] = [198, 19, 0, 2];
+const MASQUERADE_HOST: [u8; 4] = [10, 9, 9, 9];
+/// The address of the benchmark namespace's interface with the default route, `/24`: what
+/// MASQUERADE must pick.
+pub const ROUTE_SRC: [u8; 4] = [192, 0, 2, 1];
+/// The default route's gateway (never resolved: the program's lookup skips neighbours).
+pub const ROUTE_GATEWAY: [u8; 4] = [192, 0, 2, 254];
+
+/// Stateless DNAT that ping-pongs (VIP -> backend, backend -> VIP), so repeated runs keep
+/// translating; see the module docs.
+const DNAT_RULES: &str = r#"
+[[interfaces]]
+name = "lo"                 # validation wants one; nothing is attached
+
+[conntrack]
+max_sessions = 1024
+
+[[dnat]]
+id = 1
+name = "vip-to-backend"
+destination = "198.18.100.10"
+protocol = "udp"
+port = 53
+to_address = "198.18.1.2"
+to_port = 53
+
+[[dnat]]
+id = 2
+name = "backend-to-vip"     # the mirror: a repeated run turns the packet back
+destination = "198.18.1.2"
+protocol = "udp"
+port = 53
+to_address = "198.18.100.10"
+to_port = 53
+"#;
+
+/// The same DNAT plus SNAT that ping-pongs (inside -> external, external -> inside). With
+/// SNAT rules present, a DNAT flow without a session is decided in `xdp_nat_rules` (its
+/// source may need SNAT too), so forward DNAT costs more here than in the DNAT-only object.
+const SNAT_RULES: &str = r#"
+[[snat]]
+id = 10
+name = "inside-out"
+source = "10.0.0.2"
+to_address = "203.0.113.1"
+
+[[snat]]
+id = 11
+name = "mirror"             # the mirror session: external -> inside
+source = "203.0.113.1"
+to_address = "10.0.0.2"
+
+[[snat]]
+id = 12
+name = "masquerade"         # only checks that the namespace routes (see MainBeds::setup)
+source = "10.9.9.9"
+masquerade = true
+"#;
+
+/// The SNAT rule id of the fill and scale configurations.
+const FILL_RULE_ID: u32 = 10;
+
+fn fill_config(capacity: u32, pool: &PoolShape) -> String {
+    format!(
+        r#"
+[[interfaces]]
+name = "lo"
+
+[conntrack]
+max_sessions = {capacity}
+
+[[snat]]
+id = {FILL_RULE_ID}
+name = "fill"
+source = "10.0.0.0/8"
+to_address = {addresses}
+port_range = "{POOL_PORT_MIN}-{port_max}"
+"#,
+        addresses = pool.toml_addresses(),
+        port_max = pool.port_max(),
+    )
+}
+
+/// A loaded object with its maps filled from `config`, the way `nat-agent run` does it.
+struct Bed {
+    dp: Dataplane,
+    slots: BTreeMap<u32, u32>,
+}
+
+impl Bed {
+    fn load(what: &str, config: &str) -> Result<Self> {
+        let file = format!("bench {what} config");
+        let raw = ConfigFile::parse(&file, config)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("bench bug: the {what} config does not parse"))?;
+        let model = validate(&file, &raw)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("bench bug: the {what} config does not validate"))?;
+        let compiled = compile(&model, &Default::default())
+            .map_err(|problems| anyhow!("{}", ValidationError { file, problems }))
+            .with_context(|| format!("bench bug: the {what} config does not compile"))?;
+        let mut dp = Dataplane::load_with(&LoadOptions {
+            max_sessions: model.conntrack.max_sessions,
+        })
+        .with_context(|| {
+            format!(
+                "loading the XDP object ({what}, max_sessions {}); needs root (CAP_BPF, \
+                 CAP_NET_ADMIN) and enough memory for the tables",
+                model.conntrack.max_sessions
+            )
+        })?;
+        dp.apply(&compiled)
+            .with_context(|| format!("writing the {what} rules into the maps"))?;
+        // Loaded once here, so later runs only look it up.
+        dp.loaded_program(XDP_PARSE_PASS_PROGRAM)?;
+        Ok(Self {
+            dp,
+            slots: compiled.slots,
+        })
+    }
+
+    fn nat(&self) -> Result<&Xdp> {
+        self.dp.program()
+    }
+
+    fn parse_pass(&mut self) -> Result<&Xdp> {
+        self.dp.loaded_program(XDP_PARSE_PASS_PROGRAM)
+    }
+
+    fn reasons(&self) -> Result<Vec<u64>> {
+        Ok(self.dp.snapshot(std::iter::empty())?.reasons)
+    }
+
+    fn conntrack_maps(&mut self) -> Result<ConntrackMaps> {
+        let ids = self
+            .dp
+            .loaded_program(XDP_NEW_FLOW_PROGRAM)?
+            .info()
+            .context("reading the new-flow program's info")?
+            .map_ids()
+            .context("reading the new-flow program's map ids")?
+            .ok_or_else(|| anyhow!("the kernel did not list the new-flow program's maps"))?;
+        ConntrackMaps::open(&ids)
+    }
+}
+
+/// The reasons whose counters moved between two reads, with how much.
+fn reason_deltas(before: &[u64], after: &[u64]) -> Vec<(Reason, u64)> {
+    Reason::ALL
+        .iter()
+        .map(|&r| (r, after[r as usize] - before[r as usize]))
+        .filter(|&(_, d)| d != 0)
+        .collect()
+}
+
+/// Fails unless exactly the `expected` reasons moved, by exactly those amounts.
+fn expect_reasons(
+    what: &str,
+    before: &[u64],
+    after: &[u64],
+    expected: &[(Reason, u64)],
+) -> Result<()> {
+    let got = reason_deltas(before, after);
+    let want: Vec<(Reason, u64)> = expected.iter().copied().filter(|&(_, n)| n > 0).collect();
+    if got != want {
+        bail!(
+            "{what}: the program took other paths than the one measured: exit reasons \
+             {got:?}, expected {want:?}"
+        );
+    }
+    Ok(())
+}
+
+/// One kernel-timed run.
+struct Run {
+    ns: u64,
+    action: u32,
+    out: FlowKey,
+}
+
+fn run_once(program: &Xdp, frame: &[u8]) -> Result<Run> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .with_context(|| match frame_key(frame) {
+            Ok(key) => format!("the kernel refused a test run of {}", show(&key)),
+            Err(_) => "the kernel refused a test run".to_owned(),
+        })?;
+    out.truncate(r.data_size_out as usize);
+    Ok(Run {
+        ns: r.duration.as_nanos() as u64,
+        action: r.return_value,
+        out: frame_key(&out)?,
+    })
+}
+
+/// Average ns per run over `repeat` runs (the kernel's figure, whole nanoseconds).
+fn run_repeat(program: &Xdp, frame: &[u8], repeat: u32) -> Result<f64> {
+    let r = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        })
+        .with_context(|| format!("the kernel refused a test run with repeat {repeat}"))?;
+    if r.return_value != XDP_PASS {
+        bail!("a repeated run returned XDP action {}", r.return_value);
+    }
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// Runs `frame` once through `xdp_nat` and checks the verdict, the exact output tuple and the
+/// one exit reason.
+fn expect_run(bed: &Bed, what: &str, frame: &[u8], reason: Reason, out: &FlowKey) -> Result<()> {
+    let before = bed.reasons()?;
+    let run = run_once(bed.nat()?, frame)?;
+    expect_reasons(what, &before, &bed.reasons()?, &[(reason, 1)])?;
+    if run.action != XDP_PASS {
+        bail!("{what}: XDP action {} instead of XDP_PASS", run.action);
+    }
+    if run.out != *out {
+        bail!(
+            "{what}: the program wrote {} instead of {}",
+            show(&run.out),
+            show(out)
+        );
+    }
+    Ok(())
+}
+
+/// A repeated row on `xdp_nat`: every run must exit with `reason`.
+struct RepeatCase {
+    row: usize,
+    /// In the DNAT-only object, or the DNAT + SNAT one.
+    dnat_only: bool,
+    frame: Vec<u8>,
+    reason: Reason,
+}
+
+/// The two small objects of the repeated rows and their frames.
+struct MainBeds {
+    /// DNAT rules only.
+    dnat: Bed,
+    /// DNAT and SNAT rules (the baselines are timed here).
+    both: Bed,
+    no_match: Vec<u8>,
+    cases: Vec<RepeatCase>,
+}
+
+/// Indices of the main rows (the order they are measured in each repetition).
+mod rows {
+    pub const PARSE_PASS: usize = 0;
+    pub const NO_MATCH: usize = 1;
+    pub const DNAT_FORWARD: usize = 2;
+    pub const DNAT_REPLY: usize = 3;
+    pub const DNAT_FORWARD_SNAT: usize = 4;
+    pub const SNAT_ORIG: usize = 5;
+    pub const SNAT_REPLY: usize = 6;
+    pub const PARSE_PASS_SINGLE: usize = 7;
+    /// First new-flow row; one per fill level follows.
+    pub const NEW_FLOW: usize = 8;
+}
+
+impl MainBeds {
+    /// Loads both objects, creates the SNAT session pair with real first packets, and checks
+    /// every row's packet once: the exit reason and the exact rewrite.
+    fn setup() -> Result<Self> {
+        let dnat = Bed::load("DNAT-only", DNAT_RULES)?;
+        let both = Bed::load("DNAT + SNAT", &format!("{DNAT_RULES}{SNAT_RULES}"))?;
+        let no_match = udp_key(NO_MATCH_SRC, 1234, NO_MATCH_DST, 5678);
+        let dnat_fwd = udp_key(CLIENT, 5353, VIP, 53);
+        let dnat_fwd_out = udp_key(CLIENT, 5353, BACKEND, 53);
+        let dnat_reply = udp_key(BACKEND, 53, CLIENT, 5353);
+        let dnat_reply_out = udp_key(VIP, 53, CLIENT, 5353);
+        // The inside port is free and in range, so it is kept both ways.
+        let snat = udp_key(INSIDE, 40000, REMOTE, 53);
+        let snat_out = udp_key(EXTERNAL, 40000, REMOTE, 53);
+        let masquerade = udp_key(MASQUERADE_HOST, 41000, REMOTE, 53);
+        let dnat_checks = [
+            (
+                "DNAT forward",
+                dnat_fwd,
+                Reason::DnatTranslated,
+                dnat_fwd_out,
+            ),
+            (
+                "DNAT forward, mirror rule",
+                dnat_fwd_out,
+                Reason::DnatTranslated,
+                dnat_fwd,
+            ),
+            (
+                "DNAT reply",
+                dnat_reply,
+                Reason::DnatReplyTranslated,
+                dnat_reply_out,
+            ),
+            (
+                "DNAT reply, mirror rule",
+                dnat_reply_out,
+                Reason::DnatReplyTranslated,
+                dnat_reply,
+            ),
+        ];
+        for (what, input, reason, output) in dnat_checks {
+            expect_run(&dnat, what, &udp_frame(&input), reason, &output)?;
+            expect_run(&both, what, &udp_frame(&input), reason, &output)?;
+        }
+        let checks = [
+            ("non-matching packet", no_match, Reason::NoMatch, no_match),
+            // The session, created by its first packet, and its mirror, by the translated one.
+            ("SNAT first packet", snat, Reason::SessionNew, snat_out),
+            ("SNAT mirror session", snat_out, Reason::SessionNew, snat),
+            ("SNAT established", snat, Reason::SessionOrig, snat_out),
+            (
+                "SNAT reply",
+                snat_out.reversed(),
+                Reason::SessionReply,
+                snat.reversed(),
+            ),
+            // MASQUERADE takes the route's source address: proof that new flows' FIB lookups
+            // find a route here, as they do on an appliance.
+            (
+                "MASQUERADE (route lookup)",
+                masquerade,
+                Reason::SessionNew,
+                FlowKey {
+                    src: ROUTE_SRC,
+                    ..masquerade
+                },
+            ),
+        ];
+        for (what, input, reason, output) in checks {
+            expect_run(&both, what, &udp_frame(&input), reason, &output)?;
+        }
+        let case = |row, dnat_only, key: FlowKey, reason| RepeatCase {
+            row,
+            dnat_only,
+            frame: udp_frame(&key),
+            reason,
+        };
+        let cases = vec![
+            case(rows::NO_MATCH, false, no_match, Reason::NoMatch),
+            case(rows::DNAT_FORWARD, true, dnat_fwd, Reason::DnatTranslated),
+            case(
+                rows::DNAT_REPLY,
+                true,
+                dnat_reply,
+                Reason::DnatReplyTranslated,
+            ),
+            case(
+                rows::DNAT_FORWARD_SNAT,
+                false,
+                dnat_fwd,
+                Reason::DnatTranslated,
+            ),
+            case(rows::SNAT_ORIG, false, snat, Reason::SessionOrig),
+            case(
+                rows::SNAT_REPLY,
+                false,
+                snat_out.reversed(),
+                Reason::SessionReply,
+            ),
+        ];
+        Ok(Self {
+            dnat,
+            both,
+            no_match: udp_frame(&no_match),
+            cases,
+        })
+    }
+}
+
+/// A table filled with synthetic sessions, ready for new flows.
+struct FilledBed {
+    bed: Bed,
+    capacity: u32,
+    population: Population,
+    /// Sessions `0..sessions` of the population are in the tables now.
+    sessions: u64,
+    maps: ConntrackMaps,
+    /// Next measured inside host (10.200.0.0 upwards): every new flow gets a fresh host, so it
+    /// needs a fresh mapping and port.
+    next_host: u32,
+    rng: Rng,
+    fill_secs: f64,
+}
+
+/// Measured new flows never reuse a host: they start here.
+const NEW_FLOW_HOST_BASE: u32 = u32::from_be_bytes([10, 200, 0, 0]);
+const NEW_FLOW_REMOTE: [u8; 4] = [198, 51, 100, 200];
+
+impl FilledBed {
+    fn setup(what: &str, capacity: u32, spec: FillSpec, seed: u64) -> Result<Self> {
+        let mut bed = Bed::load(what, &fill_config(capacity, &spec.pool))?;
+        let mut rng = Rng::new(seed);
+        let population = Population::plan(spec, &mut rng)?;
+        let maps = bed.conntrack_maps()?;
+        let slot = *bed
+            .slots
+            .get(&FILL_RULE_ID)
+            .ok_or_else(|| anyhow!("bench bug: no counter slot for the fill rule"))?;
+        let start = Instant::now();
+        population
+            .write(&maps, 0..spec.sessions, slot)
+            .with_context(|| format!("filling the {what} tables"))?;
+        let fill_secs = start.elapsed().as_secs_f64();
+        let mut filled = Self {
+            bed,
+            capacity,
+            population,
+            sessions: spec.sessions,
+            maps,
+            next_host: NEW_FLOW_HOST_BASE,
+            rng,
+            fill_secs,
+        };
+        filled.check(what)?;
+        Ok(filled)
+    }
+
+    /// Moves the fill level to the first `sessions` sessions of the population (adding or
+    /// deleting synthetic entries), and checks the tables again.
+    fn set_sessions(&mut self, what: &str, sessions: u64) -> Result<()> {
+        if sessions > self.sessions {
+            let slot = self.bed.slots[&FILL_RULE_ID];
+            self.population
+                .write(&self.maps, self.sessions..sessions, slot)
+                .with_context(|| format!("{what}: adding sessions"))?;
+        } else if sessions < self.sessions {
+            self.population
+                .delete(&self.maps, sessions..self.sessions)
+                .with_context(|| format!("{what}: deleting sessions"))?;
+        }
+        self.sessions = sessions;
+        self.check(what)
+    }
+
+    /// Proves the synthetic entries are what the program writes and reads: a session
+    /// translates both ways, and a new flow of its inside endpoint reuses its mapping.
+    fn check(&mut self, what: &str) -> Result<()> {
+        let s = self.rng.below(self.sessions);
+        let f = self.population.flow(s);
+        expect_run(
+            &self.bed,
+            &format!("{what}: synthetic session"),
+            &udp_frame(&f.key),
+            Reason::SessionOrig,
+            &f.translated,
+        )?;
+        expect_run(
+            &self.bed,
+            &format!("{what}: synthetic session, reply"),
+            &udp_frame(&f.translated.reversed()),
+            Reason::SessionReply,
+            &f.key.reversed(),
+        )?;
+        let fresh = FlowKey {
+            dst: [198, 51, 100, 250],
+            dport: 9u16.to_be_bytes(),
+            ..f.key
+        };
+        let want = FlowKey {
+            dst: fresh.dst,
+            dport: fresh.dport,
+            ..f.translated
+        };
+        expect_run(
+            &self.bed,
+            &format!("{what}: new flow of a synthetic endpoint"),
+            &udp_frame(&fresh),
+            Reason::SessionNew,
+            &want,
+        )?;
+        // Remove that session again (the mapping was there before and stays).
+        let store = self
+            .bed
+            .dp
+            .sessions()
+            .ok_or_else(|| anyhow!("no session tables"))?;
+        let session = store
+            .sessions()
+            .get(&fresh)?
+            .ok_or_else(|| anyhow!("{what}: the check's session is not in SESSIONS"))?;
+        if !store.delete_session(&fresh, &session)? {
+            bail!("{what}: could not delete the check's session");
+        }
+        Ok(())
+    }
+
+    /// New flows are measured in chunks, each deleted before the next, so the fill level
+    /// rises by at most half a percent of capacity while measuring.
+    fn chunk(&self) -> u32 {
+        let free = u64::from(self.capacity) - self.sessions;
+        (u64::from(self.capacity) / 200).min(free / 2).max(1) as u32
+    }
+
+    /// `n` new flows as single runs: (mean ns of created flows, created, refused).
+    fn new_flows(&mut self, what: &str, n: u32) -> Result<(f64, u64, u64)> {
+        let (mut total_ns, mut created, mut refused) = (0u64, 0u64, 0u64);
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(self.chunk());
+            left -= chunk;
+            let keys: Vec<FlowKey> = (0..chunk)
+                .map(|_| {
+                    let host = self.next_host.to_be_bytes();
+                    self.next_host += 1;
+                    let sport = 1024 + self.rng.below(65536 - 1024) as u16;
+                    udp_key(host, sport, NEW_FLOW_REMOTE, 53)
+                })
+                .collect();
+            let frames: Vec<Vec<u8>> = keys.iter().map(udp_frame).collect();
+            let before = self.bed.reasons()?;
+            let mut made = Vec::with_capacity(keys.len());
+            {
+                let program = self.bed.nat()?;
+                for (key, frame) in keys.iter().zip(&frames) {
+                    let run = run_once(program, frame)?;
+                    // Created and translated, or refused and dropped (which reason, the
+                    // counters below tell).
+                    match run.action {
+                        XDP_PASS if run.out.src != key.src => {
+                            total_ns += run.ns;
+                            created += 1;
+                            made.push(*key);
+                        }
+                        XDP_DROP if run.out == *key => refused += 1,
+                        action => bail!(
+                            "{what}: new flow {} got XDP action {action} and came out as {}",
+                            show(key),
+                            show(&run.out)
+                        ),
+                    }
+                }
+            }
+            let after = self.bed.reasons()?;
+            let made_n = made.len() as u64;
+            expect_reasons(
+                &format!("{what}: new flows"),
+                &before,
+                &after,
+                &[
+                    (Reason::SessionNew, made_n),
+                    (Reason::NoPort, u64::from(chunk) - made_n),
+                ],
+            )?;
+            self.delete(what, &made)?;
+        }
+        if created == 0 {
+            bail!("{what}: none of {n} new flows was created");
+        }
+        Ok((total_ns as f64 / created as f64, created, refused))
+    }
+
+    /// Deletes the sessions and mappings the measured new flows created, with the agent's
+    /// own deletion logic, so the fill level is back where it was.
+    fn delete(&mut self, what: &str, keys: &[FlowKey]) -> Result<()> {
+        let store = self
+            .bed
+            .dp
+            .sessions()
+            .ok_or_else(|| anyhow!("no session tables"))?;
+        for key in keys {
+            let session = store
+                .sessions()
+                .get(key)?
+                .ok_or_else(|| anyhow!("{what}: new flow {} has no session", show(key)))?;
+            store.delete_session(key, &session)?;
+            let inside = nat_common::conntrack::Endpoint {
+                addr: key.src,
+                port: key.sport,
+                proto: key.proto,
+                _pad: 0,
+            };
+            let mapping = store
+                .mappings()
+                .get(&inside)?
+                .ok_or_else(|| anyhow!("{what}: new flow {} has no mapping", show(key)))?;
+            if !store.delete_mapping(&inside, &mapping)? {
+                bail!("{what}: could not delete the mapping of {}", show(key));
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` established packets of random sessions, single runs: mean ns.
+    fn established_random(&mut self, what: &str, n: u32) -> Result<f64> {
+        let flows: Vec<_> = (0..n)
+            .map(|_| {
+                self.population
+                    .flow(self.rng.below(self.population.spec.sessions))
+            })
+            .collect();
+        let frames: Vec<Vec<u8>> = flows.iter().map(|f| udp_frame(&f.key)).collect();
+        let before = self.bed.reasons()?;
+        let mut total = 0u64;
+        {
+            let program = self.bed.nat()?;
+            for (f, frame) in flows.iter().zip(&frames) {
+                let run = run_once(program, frame)?;
+                if run.out != f.translated {
+                    bail!("{what}: {} came out as {}", show(&f.key), show(&run.out));
+                }
+                total += run.ns;
+            }
+        }
+        expect_reasons(
+            what,
+            &before,
+            &self.bed.reasons()?,
+            &[(Reason::SessionOrig, u64::from(n))],
+        )?;
+        Ok(total as f64 / f64::from(n))
+    }
+}
+
+/// Mean ns of `n` single runs of `xdp_parse_pass` on `frame`.
+fn parse_pass_single(bed: &mut Bed, frame: &[u8], n: u32) -> Result<f64> {
+    let program = bed.parse_pass()?;
+    let mut total = 0u64;
+    for _ in 0..n {
+        let run = run_once(program, frame)?;
+        if run.action != XDP_PASS {
+            bail!("xdp_parse_pass returned {}", run.action);
+        }
+        total += run.ns;
+    }
+    Ok(total as f64 / f64::from(n))
+}
+
+/// A repeated measurement of `xdp_nat` whose every run must exit with `reason`.
+fn nat_repeat(bed: &Bed, what: &str, frame: &[u8], reason: Reason, repeat: u32) -> Result<f64> {
+    let before = bed.reasons()?;
+    let ns = run_repeat(bed.nat()?, frame, repeat)?;
+    expect_reasons(
+        what,
+        &before,
+        &bed.reasons()?,
+        &[(reason, u64::from(repeat))],
+    )?;
+    Ok(ns)
+}
+
+/// Runs the whole plan.
+pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
+    if plan.reps == 0 || plan.repeat == 0 || plan.single_runs == 0 {
+        bail!("repetitions, repeat and single runs must all be at least 1");
+    }
+    eprintln!("bench: loading the main configuration");
+    let mut main = MainBeds::setup()?;
+    // One table serves every fill level: the levels are prefixes of one population, and
+    // each repetition moves the table from level to level (outside the timed runs).
+    let levels: Vec<(u32, u64)> = plan
+        .fill_levels
+        .iter()
+        .map(|&l| (l, u64::from(plan.max_sessions) * u64::from(l) / 100))
+        .collect();
+    let top = levels.iter().map(|&(_, n)| n).max().unwrap_or(0);
+    let spec = FillSpec {
+        sessions: top,
+        per_endpoint: 1,
+        pool: PoolShape::holding(u64::from(plan.max_sessions))?,
+    };
+    eprintln!(
+        "bench: filling a {}-session table and its {}-port pool ({} x {} ports)",
+        plan.max_sessions,
+        spec.pool.capacity(),
+        spec.pool.addresses,
+        spec.pool.ports
+    );
+    let mut fill = FilledBed::setup("fill levels", plan.max_sessions, spec, 0x5eed)?;
+    let fill_rate = top as f64 / fill.fill_secs.max(1e-9);
+
+    let repeat = Timing::Repeat(plan.repeat);
+    let mut rows = vec![
+        Row::new(
+            "parse-pass",
+            "parse-and-pass baseline (xdp_parse_pass)",
+            repeat,
+        ),
+        Row::new("no-match", "non-matching packet through xdp_nat", repeat),
+        Row::new(
+            "dnat-forward",
+            "stateless DNAT, forward (VIP -> backend)",
+            repeat,
+        ),
+        Row::new(
+            "dnat-reply",
+            "stateless DNAT, reply (backend -> VIP)",
+            repeat,
+        ),
+        Row::new(
+            "dnat-forward-snat",
+            "stateless DNAT, forward, with SNAT rules configured (decided in xdp_nat_rules)",
+            repeat,
+        ),
+        Row::new(
+            "snat-orig",
+            "established SNAT session, original direction",
+            repeat,
+        ),
+        Row::new(
+            "snat-reply",
+            "established SNAT session, reply direction",
+            repeat,
+        ),
+        Row::new(
+            "parse-pass-1",
+            "parse-and-pass baseline, single runs",
+            Timing::Single(plan.single_runs),
+        ),
+    ];
+    for &(level, sessions) in &levels {
+        rows.push(Row::new(
+            format!("new-flow-{level}"),
+            format!(
+                "new SNAT flow at {level}% table fill and port-pool use ({sessions} of {} \
+                 sessions)",
+                plan.max_sessions
+            ),
+            Timing::Single(plan.single_runs),
+        ));
+    }
+    let mut refused = vec![(0u64, 0u64); levels.len()];
+
+    for rep in 0..plan.reps {
+        check_interrupted()?;
+        eprintln!("bench: repetition {} of {}", rep + 1, plan.reps);
+        let base = run_repeat(main.both.parse_pass()?, &main.no_match, plan.repeat)?;
+        rows[rows::PARSE_PASS].samples.push(base);
+        for case in &main.cases {
+            let what = rows[case.row].key.clone();
+            let bed = if case.dnat_only {
+                &main.dnat
+            } else {
+                &main.both
+            };
+            let ns = nat_repeat(bed, &what, &case.frame, case.reason, plan.repeat)?;
+            rows[case.row].push(ns, base);
+        }
+        let base1 = parse_pass_single(&mut main.both, &main.no_match, plan.single_runs)?;
+        rows[rows::PARSE_PASS_SINGLE].samples.push(base1);
+        for (i, &(level, sessions)) in levels.iter().enumerate() {
+            let what = format!("{level}% fill");
+            fill.set_sessions(&what, sessions)?;
+            let (ns, created, no_port) = fill.new_flows(&what, plan.single_runs)?;
+            rows[rows::NEW_FLOW + i].push(ns, base1);
+            refused[i].0 += created;
+            refused[i].1 += no_port;
+        }
+    }
+    for (i, (created, no_port)) in refused.iter().enumerate() {
+        let row = &mut rows[rows::NEW_FLOW + i];
+        row.note = if *no_port == 0 {
+            "all created".to_owned()
+        } else {
+            format!(
+                "{no_port} of {} refused for want of a free port within {} probes (not in the mean)",
+                created + no_port,
+                nat_common::conntrack::MAX_PORT_PROBES
+            )
+        };
+    }
+    drop(fill);
+    drop(main);
+
+    let (scale, scale_skipped) = run_scale(plan)?;
+    let goals = goals(&rows, &scale);
+    Ok(Report {
+        machine,
+        settings: format!(
+            "{} repetitions, alternated; repeat {}; {} single runs per single-run row; fill \
+             levels in a table of {} sessions (synthetic fill at {:.1} M sessions/s); pinned \
+             to CPU {}; 64-byte UDP frames",
+            plan.reps,
+            plan.repeat,
+            plan.single_runs,
+            plan.max_sessions,
+            fill_rate / 1e6,
+            plan.cpu
+        ),
+        rows,
+        scale,
+        scale_skipped,
+        goals,
+    })
+}
+
+/// `1Ki`, `1Mi`, `16Mi`, or the number.
+pub fn size_name(n: u32) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{}Mi", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("{}Ki", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+fn run_scale(plan: &Plan) -> Result<(Vec<ScalePoint>, Vec<String>)> {
+    let mut points = Vec::new();
+    let mut skipped = Vec::new();
+    let mut bytes_per_slot = BYTES_PER_SLOT_GUESS;
+    let all = plan
+        .scale
+        .iter()
+        .map(|&c| (c, true))
+        .chain(plan.scale_if_memory.iter().map(|&c| (c, false)));
+    for (capacity, required) in all {
+        check_interrupted()?;
+        let name = size_name(capacity);
+        let need = bytes_per_slot * u64::from(capacity);
+        let available = bench_sys::available_memory()?;
+        if need as f64 > SCALE_MEMORY_SHARE * available as f64 {
+            let why = format!(
+                "{name}: its tables need about {:.1} GiB, more than {:.0}% of the {:.1} GiB \
+                 available",
+                need as f64 / GIB,
+                SCALE_MEMORY_SHARE * 100.0,
+                available as f64 / GIB
+            );
+            if required {
+                bail!("scale point {why}");
+            }
+            eprintln!("bench: skipping scale point {why}");
+            skipped.push(why);
+            continue;
+        }
+        let sessions = u64::from(capacity) * SCALE_FILL_PCT / 100;
+        let endpoints = sessions.div_ceil(u64::from(SCALE_PER_ENDPOINT));
+        // Pools at half use, so scale measures table size, not port scarcity.
+        let pool = PoolShape::holding(2 * endpoints)?;
+        let spec = FillSpec {
+            sessions,
+            per_endpoint: SCALE_PER_ENDPOINT,
+            pool,
+        };
+        eprintln!("bench: scale point {name}: filling {sessions} sessions");
+        let mut f = FilledBed::setup(
+            &format!("scale {name}"),
+            capacity,
+            spec,
+            0x5ca1e + u64::from(capacity),
+        )?;
+        let memory = f.maps.memlock_bytes()?;
+        bytes_per_slot = bytes_per_slot.max(memory.div_ceil(u64::from(capacity)));
+        let mut rows = vec![
+            Row::new(
+                format!("{name}/parse-pass"),
+                "parse-and-pass baseline",
+                Timing::Repeat(plan.repeat),
+            ),
+            Row::new(
+                format!("{name}/parse-pass-1"),
+                "parse-and-pass baseline, single runs",
+                Timing::Single(plan.single_runs),
+            ),
+            Row::new(
+                format!("{name}/established"),
+                format!("established SNAT, a random one of {sessions} sessions per packet"),
+                Timing::Single(plan.single_runs),
+            ),
+            Row::new(
+                format!("{name}/new-flow"),
+                format!("new SNAT flow beside {sessions} sessions"),
+                Timing::Single(plan.single_runs),
+            ),
+        ];
+        let probe = udp_frame(&udp_key(NO_MATCH_SRC, 1234, NO_MATCH_DST, 5678));
+        let (mut created, mut refused) = (0, 0);
+        for _ in 0..plan.reps {
+            check_interrupted()?;
+            let base = run_repeat(f.bed.parse_pass()?, &probe, plan.repeat)?;
+            rows[0].samples.push(base);
+            let base1 = parse_pass_single(&mut f.bed, &probe, plan.single_runs)?;
+            rows[1].samples.push(base1);
+            let est =
+                f.established_random(&format!("scale {name}: established"), plan.single_runs)?;
+            rows[2].push(est, base1);
+            let (ns, c, r) = f.new_flows(&format!("scale {name}: new flows"), plan.single_runs)?;
+            rows[3].push(ns, base1);
+            created += c;
+            refused += r;
+        }
+        if refused > 0 {
+            rows[3].note = format!("{refused} of {} refused (no free port)", created + refused);
+        }
+        points.push(ScalePoint {
+            name,
+            capacity,
+            sessions,
+            endpoints,
+            pool: format!("{} x {} ports", pool.addresses, pool.ports),
+            memory_bytes: memory,
+            fill_secs: f.fill_secs,
+            rows,
+        });
+        let before = bench_sys::available_memory()?;
+        drop(f);
+        wait_for_memory(before, memory);
+    }
+    Ok((points, skipped))
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Maps are freed after the last reference goes, asynchronously: give the kernel a moment so
+/// the next point's memory check sees what this one gave back.
+fn wait_for_memory(before: u64, freed: u64) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match bench_sys::available_memory() {
+            Ok(now) if now >= before + freed * 8 / 10 => return,
+            Err(_) => return,
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
+fn find<'a>(rows: &'a [Row], key: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.key == key)
+}
+
+fn goals(rows: &[Row], scale: &[ScalePoint]) -> Vec<Goal> {
+    let mut goals = Vec::new();
+    for key in [
+        "dnat-forward",
+        "dnat-reply",
+        "dnat-forward-snat",
+        "snat-orig",
+        "snat-reply",
+    ] {
+        if let Some(r) = find(rows, key).and_then(|r| r.ratio().map(|x| (r, x))) {
+            goals.push(Goal {
+                text: format!("established translation ({key}) within 1.5x of parse-and-pass"),
+                measured: format!(
+                    "{:.2}x ({:.1} ns against {:.1} ns)",
+                    r.1,
+                    r.0.median(),
+                    r.0.median() / r.1
+                ),
+                verdict: Some(r.1 <= 1.5),
+            });
+        }
+    }
+    let flows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.key.starts_with("new-flow-"))
+        .collect();
+    if flows.len() >= 2 {
+        let (lo, hi) = flows.iter().fold((f64::INFINITY, 0f64), |(lo, hi), r| {
+            (lo.min(r.median()), hi.max(r.median()))
+        });
+        let list: Vec<String> = flows
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}%: {:.0} ns",
+                    r.key.trim_start_matches("new-flow-"),
+                    r.median()
+                )
+            })
+            .collect();
+        goals.push(Goal {
+            text: "new-flow cost flat within 1.5x from 10% to 90% table fill and port-pool use"
+                .into(),
+            measured: format!("slowest/fastest {:.2}x ({})", hi / lo, list.join(", ")),
+            verdict: Some(hi / lo <= 1.5),
+        });
+    }
+    if let (Some(s), Some(d)) = (find(rows, "snat-orig"), find(rows, "dnat-forward")) {
+        goals.push(Goal {
+            text: "established SNAT costs about the same as stateless DNAT (issue 3)".into(),
+            measured: format!("snat-orig / dnat-forward = {:.2}x", s.median() / d.median()),
+            verdict: None,
+        });
+    }
+    if scale.len() >= 2 {
+        let first = &scale[0];
+        let last = &scale[scale.len() - 1];
+        let pick = |p: &ScalePoint, suffix: &str| {
+            p.rows
+                .iter()
+                .find(|r| r.key.ends_with(suffix))
+                .map(Row::median)
+        };
+        if let (Some(a), Some(b)) = (pick(first, "/new-flow"), pick(last, "/new-flow")) {
+            goals.push(Goal {
+                text: format!(
+                    "new flow flat within 1.5x from {} to {} sessions (issue 7 aims at 1k to 16M)",
+                    first.sessions, last.sessions
+                ),
+                measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
+                verdict: Some(b / a <= 1.5),
+            });
+        }
+        if let (Some(a), Some(b)) = (pick(first, "/established"), pick(last, "/established")) {
+            goals.push(Goal {
+                text: format!(
+                    "established translation from {} to {} sessions",
+                    first.sessions, last.sessions
+                ),
+                measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
+                verdict: None,
+            });
+        }
+    }
+    goals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_names() {
+        assert_eq!(size_name(1024), "1Ki");
+        assert_eq!(size_name(1 << 20), "1Mi");
+        assert_eq!(size_name(16 << 20), "16Mi");
+        assert_eq!(size_name(64_512), "63Ki");
+        assert_eq!(size_name(1000), "1000");
+    }
+}

@@ -1,0 +1,147 @@
+//! `cargo xtask bench kernel --quick` end to end, so the benchmark cannot rot: it loads the
+//! real XDP object, fills tables, runs every configuration, prints the table and writes the
+//! page. Needs root (BPF, a network namespace) and fails rather than skips without it: a
+//! benchmark nobody runs is the one that breaks.
+
+use std::{
+    io::Read,
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Far above the ~20 s the quick pass takes, so only a hang trips it.
+const TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Every row the quick pass must print, by key.
+const ROWS: &[&str] = &[
+    "parse-pass",
+    "no-match",
+    "dnat-forward",
+    "dnat-reply",
+    "dnat-forward-snat",
+    "snat-orig",
+    "snat-reply",
+    "parse-pass-1",
+    "new-flow-10",
+    "new-flow-50",
+    "new-flow-90",
+    "1Ki/parse-pass",
+    "1Ki/parse-pass-1",
+    "1Ki/established",
+    "1Ki/new-flow",
+    "16Ki/parse-pass",
+    "16Ki/parse-pass-1",
+    "16Ki/established",
+    "16Ki/new-flow",
+];
+
+/// Runs the quick pass; returns stdout, panicking with stderr on failure or timeout.
+fn run_quick(docs: &PathBuf) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["bench", "kernel", "--quick", "--docs"])
+        .arg(docs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting xtask");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out = thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    });
+    let err = thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).map(|_| s)
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for xtask") {
+            break status;
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`xtask bench kernel --quick` did not finish within {TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = out.join().expect("reader").expect("reading stdout");
+    let stderr = err.join().expect("reader").expect("reading stderr");
+    assert!(
+        status.success(),
+        "`xtask bench kernel --quick` failed ({status}); it needs root and must not be \
+         skipped.\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    eprintln!("quick pass took {:.1} s", start.elapsed().as_secs_f64());
+    stdout
+}
+
+fn positive(field: &str, what: &str) -> f64 {
+    let v: f64 = field
+        .trim_end_matches(['x', '%'])
+        .parse()
+        .unwrap_or_else(|_| panic!("{what}: {field:?} is not a number"));
+    assert!(v.is_finite() && v > 0.0, "{what}: {v} is not positive");
+    v
+}
+
+#[test]
+fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
+    let docs = std::env::temp_dir().join(format!("xdpnat-bench-{}.md", std::process::id()));
+    let _ = std::fs::remove_file(&docs);
+    let stdout = run_quick(&docs);
+
+    for key in ROWS {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key))
+            .unwrap_or_else(|| panic!("no row {key:?} in:\n{stdout}"));
+        // row, min, median, max, spread, x base, +ns, what...
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(f.len() >= 8, "row {key:?} is short: {line}");
+        let (min, median, max) = (
+            positive(f[1], key),
+            positive(f[2], key),
+            positive(f[3], key),
+        );
+        assert!(min <= median && median <= max, "row {key:?}: {line}");
+        if f[5] != "base" {
+            positive(f[5], key);
+            // Everything the NAT does costs more than parsing alone.
+            positive(f[6], key);
+        }
+    }
+    for point in ["1Ki", "16Ki"] {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(point))
+            .unwrap_or_else(|| panic!("no scale point {point:?} in:\n{stdout}"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        for (i, what) in [
+            (1, "capacity"),
+            (2, "sessions"),
+            (4, "memory"),
+            (5, "bytes/slot"),
+        ] {
+            positive(f[i], &format!("{point} {what}"));
+        }
+    }
+    assert!(
+        stdout.contains("Goals (tracked, not asserted):"),
+        "{stdout}"
+    );
+
+    let page = std::fs::read_to_string(&docs).expect("the page was written");
+    let _ = std::fs::remove_file(&docs);
+    for needle in [
+        "## Method",
+        "## Noise",
+        "| new-flow-90 |",
+        "| 16Ki/new-flow |",
+    ] {
+        assert!(page.contains(needle), "page lacks {needle:?}:\n{page}");
+    }
+}
