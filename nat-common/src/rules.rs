@@ -64,12 +64,6 @@ impl NatRule {
         self.flags & (RULE_MATCH_PORT | RULE_REWRITE_PORT) != 0
     }
 
-    /// Whether a flow of this rule may need a session (so the rules program must decide).
-    #[inline(always)]
-    pub const fn may_need_session(&self) -> bool {
-        self.flags & (RULE_STATEFUL | RULE_SNAT_CHECK) != 0
-    }
-
     /// Whether flows of this rule always get a session.
     #[inline(always)]
     pub const fn is_stateful(&self) -> bool {

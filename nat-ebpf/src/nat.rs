@@ -44,10 +44,15 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     if let Some(set) = DNAT_FORWARD.get(Key::new(32, pkt.dst)) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Destination)? {
-            if !rule.may_need_session() {
-                return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Destination);
+            // An SNAT check can only find something if the source has SNAT rules at all
+            // (destination NAT leaves the source as it is): one trie lookup here spares
+            // stateless DNAT flows the tail call.
+            let snat_possible = rule.flags & RULE_SNAT_CHECK != 0
+                && SNAT_RULES.get(Key::new(32, pkt.src)).is_some();
+            if rule.is_stateful() || snat_possible {
+                return Err(to_rules_program(ctx));
             }
-            return Err(to_rules_program(ctx));
+            return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Destination);
         }
     }
     if let Some(set) = DNAT_REVERSE.get(Key::new(32, pkt.src)) {
