@@ -312,7 +312,7 @@ fn scenario1_chrony_client_port_123_is_moved_into_1024_65535() -> Result<()> {
 /// 198.18.1.2, the on-prem 192.168.1.5 is 198.18.1.3. Three VIP ports land on the same
 /// backend port, so the reverse translation needs sessions.
 const SCENARIO2_RULES: &str = r#"
-# -d VIP1/32 -p tcp --dport 80 -j DNAT --to-destination 172.16.3.5:80
+# -d VIP1/32 -p tcp --dport 80 -j DNAT --to-destination BACKEND:80
 [[dnat]]
 id = 1
 name = "vip1-http"
@@ -342,7 +342,7 @@ port = 22
 to_address = "198.18.1.2"
 to_port = 80
 
-# A VIP onto a host "on-prem" (:22 onto 192.168.1.5:22).
+# A VIP onto a host "on-prem" (:22 onto the on-prem host's :22).
 [[dnat]]
 id = 4
 name = "vip2-ssh-onprem"

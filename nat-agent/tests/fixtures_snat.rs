@@ -19,9 +19,9 @@
 //! Needs root (loads BPF, creates namespaces). Never skips: a missing capability fails every
 //! test.
 //!
-//! Addresses: inside hosts 198.18.0.x, external (pool) addresses 203.0.113.x and 192.0.2.x,
-//! remote servers 198.51.100.x (and 203.0.113.10 behind n1 in the FIB lab), VIPs 198.18.100.x,
-//! backends 198.18.1.x.
+//! Addresses: inside hosts 198.18.0.x (synthetic table fillers 198.19.x.x), external (pool)
+//! addresses 203.0.113.x, remote servers 198.51.100.x (and 203.0.113.10 behind n1 in the FIB
+//! lab), VIPs 198.18.100.x, backends 198.18.1.x.
 
 mod common;
 
@@ -971,7 +971,7 @@ fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
     let mut sessions: BpfHashMap<MapData, FlowKey, Session> =
         BpfHashMap::try_from(fx.program_hash_map("SESSIONS")).expect("SESSIONS as a hash map");
     let synthetic = |i: usize| FlowKey {
-        src: [10, 99, (i >> 8) as u8, i as u8],
+        src: [198, 19, (i >> 8) as u8, i as u8],
         dst: addr(SRV).octets(),
         sport: 1000u16.to_be_bytes(),
         dport: 123u16.to_be_bytes(),
@@ -982,7 +982,7 @@ fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
         let key = synthetic(i);
         let s = Session {
             translated: FlowKey {
-                src: [192, 0, 2, 99],
+                src: [203, 0, 113, 99],
                 ..key
             },
             snat_rule: fx.slot("out"),
@@ -1443,7 +1443,7 @@ fn a_flow_refused_for_a_full_table_claims_no_external_port() {
         BpfHashMap::try_from(fx.program_hash_map("SESSIONS")).expect("SESSIONS as a hash map");
     for i in 0..CAPACITY - 1 {
         let key = FlowKey {
-            src: [10, 99, (i >> 8) as u8, i as u8],
+            src: [198, 19, (i >> 8) as u8, i as u8],
             ..flow_key(&established)
         };
         sessions
@@ -1893,21 +1893,21 @@ id = 1
 name = "via-n0"
 source = "198.18.0.0/24"
 out_interface = "n0"
-to_address = "192.0.2.1"
+to_address = "203.0.113.21"
 
 [[snat]]
 id = 2
 name = "via-missing"
 source = "198.18.0.0/24"
 out_interface = "gone0"
-to_address = "192.0.2.3"
+to_address = "203.0.113.23"
 
 [[snat]]
 id = 3
 name = "via-n1"
 source = "198.18.0.0/24"
 out_interface = "n1"
-to_address = "192.0.2.2"
+to_address = "203.0.113.22"
 "#;
     let ns = fib_lab();
     ns.enter(|| {
@@ -1919,13 +1919,13 @@ to_address = "192.0.2.2"
                 "leaves by n1",
                 Packet::udp(H1, 40000, "203.0.113.10", 123),
                 "via-n1",
-                "192.0.2.2",
+                "203.0.113.22",
             ),
             (
                 "leaves by n0 (hairpin)",
                 Packet::udp(H1, 40001, "198.18.0.50", 123),
                 "via-n0",
-                "192.0.2.1",
+                "203.0.113.21",
             ),
         ];
         for (what, p, rule, external) in cases {
@@ -1963,14 +1963,14 @@ id = 1
 name = "via-missing"
 source = "198.18.0.0/24"
 out_interface = "gone0"
-to_address = "192.0.2.3"
+to_address = "203.0.113.23"
 
 [[snat]]
 id = 2
 name = "via-n1"
 source = "198.18.0.0/24"
 out_interface = "n1"
-to_address = "192.0.2.2"
+to_address = "203.0.113.22"
 "#;
     let ns = fib_lab();
     ns.enter(|| {
@@ -1979,7 +1979,7 @@ to_address = "192.0.2.2"
         // Control: a routable destination takes the n1 rule.
         let routable = Packet::udp(H1, 40000, "203.0.113.10", 123);
         let ext = start(&mut fx, "routable via n1", &routable, "via-n1");
-        assert_eq!(ip(&ext), addr("192.0.2.2"));
+        assert_eq!(ip(&ext), addr("203.0.113.22"));
         let unroutable = Packet::udp(H1, 40002, "198.51.100.9", 123);
         let observed = fx.observe(&unroutable.build());
         if observed.reasons() != [(Reason::NoMatch, 1)] {
@@ -1990,7 +1990,7 @@ to_address = "192.0.2.2"
                 .unwrap();
             panic!(
                 "an unroutable destination took reasons {:?}; mapping made: {mapping:?} \
-                 (192.0.2.3 is the pool of the rule for the missing interface gone0)",
+                 (203.0.113.23 is the pool of the rule for the missing interface gone0)",
                 observed.reasons()
             );
         }

@@ -432,6 +432,10 @@ fn unreadable_input_exits_2() -> Result<()> {
 
 /// Everything translated: exit 0, and the seed's original (unmapped) one-arm rule set from
 /// standard input needs no warning, since eth0 is its only interface.
+///
+/// The seed text is quoted verbatim and is parser input only: it is imported and validated
+/// with `nat-agent check` (no kernel, no namespace) and never applied; the lab tests above
+/// apply the examples mapped into the lab ranges.
 #[test]
 fn seed_rule_set_from_stdin_translates_with_exit_0() -> Result<()> {
     let seed = "\

@@ -216,7 +216,7 @@ mod tests {
             "client=198.18.0.2:1",
             "client=198.18.0.2 server=198.18.1.2:80",
             "hello world",
-            "client=1.2.3.4:1 server=1.2.3.4:2 extra=1.2.3.4:3",
+            "client=198.18.0.2:1 server=198.18.1.2:2 extra=198.18.1.2:3",
             "<html>404</html>",
         ] {
             assert!(bad.parse::<EchoReply>().is_err(), "{bad:?}");

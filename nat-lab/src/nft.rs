@@ -238,8 +238,13 @@ mod tests {
 
     #[test]
     fn multi_statement_matches_are_refused() {
-        let err = install_counter("any", "c", Hook::Input, "ip daddr 1.2.3.4; flush ruleset")
-            .unwrap_err();
+        let err = install_counter(
+            "any",
+            "c",
+            Hook::Input,
+            "ip daddr 198.18.100.10; flush ruleset",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("single nft expression"), "{err:#}");
     }
 }

@@ -569,7 +569,7 @@ mod tests {
             "203.0.113.1:4242".parse().unwrap()
         );
         assert!(parse_peer_reply(b"nope").is_err());
-        assert!(parse_peer_reply(b"peer=1.2.3.4 ").is_err());
+        assert!(parse_peer_reply(b"peer=203.0.113.1 ").is_err());
     }
 
     #[test]

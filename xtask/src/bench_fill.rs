@@ -14,6 +14,11 @@
 //! destination) sharing its mapping, spread evenly over the pool's addresses (the program
 //! maps a host to one address, RFC 4787 paired pooling, so hosts are picked per address) on
 //! ports drawn at random from the pool's range.
+//!
+//! Addresses (test ranges only): synthetic inside hosts in 198.18.128.0/17, each carrying up to
+//! `PORTS_PER_HOST` endpoints (inside ports), so even 16Mi sessions need only a few thousand
+//! hosts; the measured new flows of `bench_kernel` come from 198.19.128.0/17, which the fill
+//! never uses; pool addresses 203.0.113.1-64; remote destinations 198.51.100.x.
 
 use std::{ops::Range, os::fd::AsFd};
 
@@ -37,18 +42,30 @@ pub const MAX_POOL_ADDRESSES: u32 = 64;
 const PORTS_PER_HOST: u32 = 1024;
 /// First inside port of a synthetic host.
 const HOST_PORT0: u16 = 30_000;
-/// Synthetic inside hosts count up from 10.0.0.1; measured new flows come from 10.200/16 up,
-/// so they can never hit a synthetic mapping.
-const FILL_HOST_BASE: u32 = u32::from_be_bytes([10, 0, 0, 1]);
+/// Synthetic inside hosts count up from 198.18.128.1 and stay below [`FILL_HOST_END`];
+/// measured new flows come from [`MEASURED_HOSTS`] (198.19.128.0/17), so they can never hit a
+/// synthetic mapping.
+const FILL_HOST_BASE: u32 = u32::from_be_bytes([198, 18, 128, 1]);
+/// End (exclusive) of the synthetic hosts: some 32000 candidates in 198.18.128.0/17, far more
+/// than a pool of `MAX_POOL_ADDRESSES` x `PORTS_PER_ADDRESS` endpoints needs at
+/// `PORTS_PER_HOST` endpoints per host (4032 hosts, plus one partial host per address).
+const FILL_HOST_END: u32 = u32::from_be_bytes([198, 19, 0, 0]);
+/// The inside hosts measured new flows come from (198.19.128.0/17): disjoint from the fill's
+/// hosts, and from the fixed addresses of the benchmark's other configurations.
+pub const MEASURED_HOSTS: Range<u32> =
+    u32::from_be_bytes([198, 19, 128, 0])..u32::from_be_bytes([198, 20, 0, 0]);
+const _: () = assert!(FILL_HOST_BASE < FILL_HOST_END && FILL_HOST_END <= MEASURED_HOSTS.start);
 /// Remote destinations of synthetic sessions: 198.51.100.1, .2, ... port 443.
 const REMOTE_BASE: [u8; 4] = [198, 51, 100, 1];
+/// Most sessions per endpoint: one remote address each, 198.51.100.1 to .128.
+pub const MAX_PER_ENDPOINT: u32 = 128;
 const REMOTE_PORT: u16 = 443;
 /// Entries per batch syscall: large enough to amortise the syscall, small enough to keep the
 /// buffers in cache.
 const BATCH: usize = 8192;
 
-/// The SNAT pool a population lives in: `addresses` addresses from 203.0.113.1 up (then
-/// 203.0.114.x), each with ports `POOL_PORT_MIN..=port_max`.
+/// The SNAT pool a population lives in: `addresses` addresses from 203.0.113.1 up (at most
+/// `MAX_POOL_ADDRESSES`, so 203.0.113.64 at most), each with ports `POOL_PORT_MIN..=port_max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolShape {
     /// Number of external addresses (1..=64).
@@ -180,6 +197,12 @@ impl Population {
         if spec.per_endpoint == 0 || pool.addresses == 0 {
             bail!("bench bug: empty fill spec {spec:?}");
         }
+        if spec.per_endpoint > MAX_PER_ENDPOINT || pool.addresses > MAX_POOL_ADDRESSES {
+            bail!(
+                "bench bug: fill spec {spec:?} leaves the benchmark's address ranges (at most \
+                 {MAX_PER_ENDPOINT} sessions per endpoint, {MAX_POOL_ADDRESSES} pool addresses)"
+            );
+        }
         if endpoints > pool.capacity() {
             bail!(
                 "{endpoints} endpoints do not fit a pool of {} ports",
@@ -189,8 +212,8 @@ impl Population {
         let per_address = |a: u32| {
             (endpoints + u64::from(pool.addresses) - 1 - u64::from(a)) / u64::from(pool.addresses)
         };
-        // Hosts: walk 10.0.0.1 upwards and give each host to the address the program's paired
-        // pooling maps it to, until every address has hosts for all its endpoints.
+        // Hosts: walk 198.18.128.1 upwards and give each host to the address the program's
+        // paired pooling maps it to, until every address has hosts for all its endpoints.
         let need: Vec<u64> = (0..pool.addresses)
             .map(|a| per_address(a).div_ceil(u64::from(PORTS_PER_HOST)))
             .collect();
@@ -200,7 +223,7 @@ impl Population {
         while missing > 0 {
             let addr = candidate.to_be_bytes();
             candidate += 1;
-            if candidate >= u32::from_be_bytes([10, 200, 0, 0]) {
+            if candidate >= FILL_HOST_END {
                 bail!("bench bug: ran out of synthetic host addresses");
             }
             let a = pool_index_for(addr, pool.addresses) as usize;
@@ -549,6 +572,42 @@ mod tests {
             assert_eq!(f.translated.dst, f.key.dst);
         }
         assert_eq!(externals.len() as u64, p.spec.endpoints());
+    }
+
+    /// The project's address rule: inside hosts in 198.18.0.0/15, external and remote ones in
+    /// 203.0.113.0/24 and 198.51.100.0/24; and the measured new flows' hosts are never the
+    /// fill's. Checked on the biggest population the benchmark writes (16Mi scale point).
+    #[test]
+    fn addresses_stay_in_the_test_ranges_and_off_the_measured_hosts() {
+        let in24 = |a: [u8; 4], net: [u8; 3]| a[..3] == net;
+        let sessions = (16u64 << 20) * 90 / 100;
+        let p = population(sessions, 8, 2 * sessions.div_ceil(8));
+        assert_eq!(p.spec.pool.addresses, 59);
+        let hosts: BTreeSet<[u8; 4]> = p.hosts.iter().flatten().copied().collect();
+        assert!(hosts.len() < 2_000, "{} hosts", hosts.len());
+        for h in &hosts {
+            let n = u32::from_be_bytes(*h);
+            assert!((FILL_HOST_BASE..FILL_HOST_END).contains(&n), "{h:?}");
+            assert!(!MEASURED_HOSTS.contains(&n), "{h:?}");
+            assert!(h[..2] == [198, 18] || h[..2] == [198, 19], "{h:?}");
+        }
+        for s in (0..p.spec.sessions)
+            .step_by(997)
+            .chain([p.spec.sessions - 1])
+        {
+            let f = p.flow(s);
+            assert!(hosts.contains(&f.key.src), "{f:?}");
+            assert!(in24(f.translated.src, [203, 0, 113]), "{f:?}");
+            assert!(in24(f.key.dst, [198, 51, 100]), "{f:?}");
+        }
+        // The largest pool and fill: still room for the hosts.
+        let full = population(64 * 64_512, 1, 64 * 64_512);
+        let last = full.flow(full.spec.sessions - 1);
+        assert!(in24(last.translated.src, [203, 0, 113]), "{last:?}");
+        assert_eq!(
+            (MEASURED_HOSTS.start.to_be_bytes(), MEASURED_HOSTS.end - 1),
+            ([198, 19, 128, 0], u32::from_be_bytes([198, 19, 255, 255]))
+        );
     }
 
     #[test]

@@ -31,7 +31,9 @@ use nat_common::{
 };
 
 use crate::{
-    bench_fill::{ConntrackMaps, FillSpec, PoolShape, Population, Rng, POOL_PORT_MIN},
+    bench_fill::{
+        ConntrackMaps, FillSpec, PoolShape, Population, Rng, MEASURED_HOSTS, POOL_PORT_MIN,
+    },
     bench_packet::{frame_key, show, udp_frame, udp_key},
     bench_report::{Goal, Report, Row, ScalePoint, Timing},
     bench_sys,
@@ -77,21 +79,23 @@ const SCALE_MEMORY_SHARE: f64 = 0.5;
 /// with preallocated elements take about 400).
 const BYTES_PER_SLOT_GUESS: u64 = 600;
 
-// The main configuration's addresses (RFC 2544 / 5737 benchmark and documentation ranges).
+// The main configuration's addresses: inside hosts and the benchmark's own networks in
+// 198.18.0.0/15 (RFC 2544), external and remote hosts in 203.0.113.0/24 and 198.51.100.0/24
+// (RFC 5737). The fill and scale tables use 198.18.128.0/17 and 198.19.128.0/17 (`bench_fill`).
 const CLIENT: [u8; 4] = [198, 18, 0, 10];
 const VIP: [u8; 4] = [198, 18, 100, 10];
 const BACKEND: [u8; 4] = [198, 18, 1, 2];
-const INSIDE: [u8; 4] = [10, 0, 0, 2];
+const INSIDE: [u8; 4] = [198, 18, 0, 2];
 const EXTERNAL: [u8; 4] = [203, 0, 113, 1];
 const REMOTE: [u8; 4] = [198, 51, 100, 7];
 const NO_MATCH_SRC: [u8; 4] = [198, 19, 0, 1];
 const NO_MATCH_DST: [u8; 4] = [198, 19, 0, 2];
-const MASQUERADE_HOST: [u8; 4] = [10, 9, 9, 9];
+const MASQUERADE_HOST: [u8; 4] = [198, 18, 9, 9];
 /// The address of the benchmark namespace's interface with the default route, `/24`: what
 /// MASQUERADE must pick.
-pub const ROUTE_SRC: [u8; 4] = [192, 0, 2, 1];
+pub const ROUTE_SRC: [u8; 4] = [198, 19, 1, 1];
 /// The default route's gateway (never resolved: the program's lookup skips neighbours).
-pub const ROUTE_GATEWAY: [u8; 4] = [192, 0, 2, 254];
+pub const ROUTE_GATEWAY: [u8; 4] = [198, 19, 1, 254];
 
 /// Stateless DNAT that ping-pongs (VIP -> backend, backend -> VIP), so repeated runs keep
 /// translating; see the module docs.
@@ -128,19 +132,19 @@ const SNAT_RULES: &str = r#"
 [[snat]]
 id = 10
 name = "inside-out"
-source = "10.0.0.2"
+source = "198.18.0.2"
 to_address = "203.0.113.1"
 
 [[snat]]
 id = 11
 name = "mirror"             # the mirror session: external -> inside
 source = "203.0.113.1"
-to_address = "10.0.0.2"
+to_address = "198.18.0.2"
 
 [[snat]]
 id = 12
 name = "masquerade"         # only checks that the namespace routes (see MainBeds::setup)
-source = "10.9.9.9"
+source = "198.18.9.9"
 masquerade = true
 "#;
 
@@ -159,7 +163,7 @@ max_sessions = {capacity}
 [[snat]]
 id = {FILL_RULE_ID}
 name = "fill"
-source = "10.0.0.0/8"
+source = "198.18.0.0/15"            # the fill's hosts and the measured ones
 to_address = {addresses}
 port_range = "{POOL_PORT_MIN}-{port_max}"
 "#,
@@ -470,15 +474,14 @@ struct FilledBed {
     /// Sessions `0..sessions` of the population are in the tables now.
     sessions: u64,
     maps: ConntrackMaps,
-    /// Next measured inside host (10.200.0.0 upwards): every new flow gets a fresh host, so it
-    /// needs a fresh mapping and port.
-    next_host: u32,
+    /// Measured new flows so far: flow `n` comes from host `n` of the measured hosts
+    /// (198.19.128.0/17, round robin), so consecutive new flows come from different hosts, none
+    /// of them the fill's, and each needs a fresh mapping and port.
+    measured_flows: u64,
     rng: Rng,
     fill_secs: f64,
 }
 
-/// Measured new flows never reuse a host: they start here.
-const NEW_FLOW_HOST_BASE: u32 = u32::from_be_bytes([10, 200, 0, 0]);
 const NEW_FLOW_REMOTE: [u8; 4] = [198, 51, 100, 200];
 
 impl FilledBed {
@@ -502,7 +505,7 @@ impl FilledBed {
             population,
             sessions: spec.sessions,
             maps,
-            next_host: NEW_FLOW_HOST_BASE,
+            measured_flows: 0,
             rng,
             fill_secs,
         };
@@ -593,14 +596,7 @@ impl FilledBed {
         while left > 0 {
             let chunk = left.min(self.chunk());
             left -= chunk;
-            let keys: Vec<FlowKey> = (0..chunk)
-                .map(|_| {
-                    let host = self.next_host.to_be_bytes();
-                    self.next_host += 1;
-                    let sport = 1024 + self.rng.below(65536 - 1024) as u16;
-                    udp_key(host, sport, NEW_FLOW_REMOTE, 53)
-                })
-                .collect();
+            let keys = self.new_flow_keys(chunk);
             let frames: Vec<Vec<u8>> = keys.iter().map(udp_frame).collect();
             let before = self.bed.reasons()?;
             let mut made = Vec::with_capacity(keys.len());
@@ -642,6 +638,30 @@ impl FilledBed {
             bail!("{what}: none of {n} new flows was created");
         }
         Ok((total_ns as f64 / created as f64, created, refused))
+    }
+
+    /// The inside endpoints of the next `n` measured new flows, all distinct. The measured
+    /// hosts are taken round robin: a host comes back only after all the others, normally in
+    /// a later chunk, and every state of earlier chunks is deleted before the next chunk runs
+    /// ([`FilledBed::delete`]), so each flow needs a fresh mapping and port as if from a host
+    /// never seen. The inside port is random (it is the allocation's first probe), drawn again
+    /// in the rare case that a chunk larger than the measured hosts puts a host twice in it
+    /// with the same port.
+    fn new_flow_keys(&mut self, n: u32) -> Vec<FlowKey> {
+        let hosts = u64::from(MEASURED_HOSTS.end - MEASURED_HOSTS.start);
+        let mut seen = std::collections::HashSet::new();
+        (0..n)
+            .map(|_| {
+                let host = MEASURED_HOSTS.start + (self.measured_flows % hosts) as u32;
+                self.measured_flows += 1;
+                loop {
+                    let sport = 1024 + self.rng.below(65536 - 1024) as u16;
+                    if seen.insert((host, sport)) {
+                        break udp_key(host.to_be_bytes(), sport, NEW_FLOW_REMOTE, 53);
+                    }
+                }
+            })
+            .collect()
     }
 
     /// Deletes the sessions and mappings the measured new flows created, with the agent's
@@ -783,7 +803,7 @@ pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
         ),
         Row::new(
             "dnat-forward-snat",
-            "stateless DNAT, forward, with SNAT rules configured (decided in xdp_nat_rules)",
+            "stateless DNAT, forward, with SNAT rules for other sources (checked in xdp_nat)",
             repeat,
         ),
         Row::new(
@@ -1103,6 +1123,45 @@ fn goals(rows: &[Row], scale: &[ScalePoint]) -> Vec<Goal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The project's address rule: the benchmark's own networks and inside hosts in
+    /// 198.18.0.0/15, external and remote hosts in 203.0.113.0/24 and 198.51.100.0/24, and the
+    /// configurations name the same addresses as the packets.
+    #[test]
+    fn addresses_stay_in_the_test_ranges() {
+        let test_net = |a: [u8; 4]| a[..2] == [198, 18] || a[..2] == [198, 19];
+        let public = |a: [u8; 4]| a[..3] == [203, 0, 113] || a[..3] == [198, 51, 100];
+        for a in [
+            CLIENT,
+            VIP,
+            BACKEND,
+            INSIDE,
+            NO_MATCH_SRC,
+            NO_MATCH_DST,
+            MASQUERADE_HOST,
+            ROUTE_SRC,
+            ROUTE_GATEWAY,
+        ] {
+            assert!(test_net(a), "{a:?}");
+        }
+        for a in [EXTERNAL, REMOTE, NEW_FLOW_REMOTE] {
+            assert!(public(a), "{a:?}");
+        }
+        let dotted = |a: [u8; 4]| std::net::Ipv4Addr::from(a).to_string();
+        for a in [INSIDE, EXTERNAL, MASQUERADE_HOST] {
+            assert!(SNAT_RULES.contains(&format!("\"{}\"", dotted(a))), "{a:?}");
+        }
+        for a in [VIP, BACKEND] {
+            assert!(DNAT_RULES.contains(&format!("\"{}\"", dotted(a))), "{a:?}");
+        }
+        // The fill rule covers the fill's hosts and the measured ones, nothing outside
+        // 198.18.0.0/15.
+        let pool = PoolShape::holding(4096).unwrap();
+        assert!(fill_config(4096, &pool).contains("source = \"198.18.0.0/15\""));
+        for n in [MEASURED_HOSTS.start, MEASURED_HOSTS.end - 1] {
+            assert!(test_net(n.to_be_bytes()), "{n:x}");
+        }
+    }
 
     #[test]
     fn size_names() {

@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_carry_valid_checksums() {
-        let key = udp_key([10, 0, 0, 2], 40000, [198, 51, 100, 7], 53);
+        let key = udp_key([198, 18, 0, 2], 40000, [198, 51, 100, 7], 53);
         let f = udp_frame(&key);
         assert_eq!(f.len(), FRAME_LEN);
         assert_eq!(frame_key(&f).unwrap(), key);
@@ -135,7 +135,7 @@ mod tests {
     #[test]
     fn short_or_foreign_frames_are_refused() {
         assert!(frame_key(&[0u8; 20]).is_err());
-        let mut f = udp_frame(&udp_key([1, 2, 3, 4], 1, [5, 6, 7, 8], 2));
+        let mut f = udp_frame(&udp_key([198, 18, 0, 3], 1, [198, 51, 100, 8], 2));
         f[ETH_HLEN + 9] = proto::TCP;
         assert!(frame_key(&f).is_err());
     }

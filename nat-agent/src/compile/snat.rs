@@ -223,18 +223,18 @@ mod tests {
             Some((SNAT_NONE, 0))
         );
         assert_eq!(
-            hit([198, 18, 0, 5], proto::UDP, [192, 0, 2, 1]),
+            hit([198, 18, 0, 5], proto::UDP, [198, 51, 100, 9]),
             Some((SNAT_TO_POOL, 1))
         );
         assert_eq!(
-            hit([198, 18, 0, 5], proto::TCP, [192, 0, 2, 1]),
+            hit([198, 18, 0, 5], proto::TCP, [198, 51, 100, 9]),
             Some((SNAT_MASQUERADE, 2))
         );
         assert_eq!(
-            hit([198, 18, 7, 7], proto::UDP, [192, 0, 2, 1]),
+            hit([198, 18, 7, 7], proto::UDP, [198, 51, 100, 9]),
             Some((SNAT_MASQUERADE, 2))
         );
-        assert_eq!(hit([10, 0, 0, 1], proto::UDP, [192, 0, 2, 1]), None);
+        assert_eq!(hit([198, 19, 0, 1], proto::UDP, [198, 51, 100, 9]), None);
         // Pools by position, host-order ports; MASQUERADE and no_nat pools hold no address.
         assert_eq!(c.pools.len(), 3);
         assert_eq!(c.pools[1].len, 1);
