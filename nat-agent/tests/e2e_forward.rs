@@ -231,3 +231,138 @@ fn dnat_vips_answer_with_xdp_forwarding() -> Result<()> {
     );
     Ok(())
 }
+
+/// Attaches the object's parse-and-pass program to `device` in namespace `ns`, in driver mode.
+/// Frames an XDP program sends into a veth (XDP_TX, redirect) are only received by a peer with
+/// NAPI, which a driver-mode XDP program provides (TOOLCHAIN.md); the program passes every
+/// well-formed frame, so the peer behaves as before. Detached when the returned object drops.
+fn attach_pass_through(ns: &str, device: &str) -> Result<aya::Ebpf> {
+    let device = device.to_owned();
+    nat_lab::in_netns(ns, move || {
+        let mut loader = aya::EbpfLoader::new();
+        // Only the program is needed; keep the connection-tracking maps small.
+        for map in ["SESSIONS", "REPLIES", "MAPPINGS", "BINDINGS"] {
+            loader.map_max_entries(map, 1024);
+        }
+        let mut ebpf = loader
+            .load(nat_agent::dataplane::EBPF_OBJECT)
+            .context("loading the object")?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(nat_common::maps::XDP_PARSE_PASS_PROGRAM)
+            .context("no parse-and-pass program")?
+            .try_into()?;
+        program.load().context("loading xdp_parse_pass")?;
+        program
+            .attach(&device, aya::programs::XdpMode::Driver)
+            .with_context(|| format!("attaching xdp_parse_pass to {device}"))?;
+        Ok(ebpf)
+    })
+}
+
+/// Scenario 4, the one-arm appliance: client, NAT and backend share one L2 segment (a bridge in
+/// its own namespace, standing in for the cloud's load balancer delivering everything to
+/// eth0). The NAT has a single interface; DNAT plus MASQUERADE makes the backend answer the
+/// NAT, and XDP sends every translated frame back out of the interface it came in on.
+#[test]
+fn one_arm_dnat_with_masquerade_transmits_back_out_of_the_same_interface() -> Result<()> {
+    let switch = Netns::new()?;
+    let client = Netns::new()?;
+    let nat = Netns::new()?;
+    let backend = Netns::new()?;
+    switch.run("ip", ["link", "add", "br0", "type", "bridge"])?;
+    switch.run("ip", ["link", "set", "br0", "up"])?;
+    let hosts = [
+        (&client, "c0", "198.18.0.2/24"),
+        (&nat, "n0", "198.18.0.1/24"),
+        (&backend, "b0", "198.18.0.3/24"),
+    ];
+    for (i, (host, dev, addr)) in hosts.iter().enumerate() {
+        let port = format!("s{i}");
+        switch.run(
+            "ip",
+            [
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev,
+                "netns",
+                host.name(),
+            ],
+        )?;
+        switch.run("ip", ["link", "set", &port, "master", "br0", "up"])?;
+        host.run("ip", ["addr", "add", addr, "dev", dev])?;
+        host.run("ip", ["link", "set", dev, "up"])?;
+        host.run("ip", ["link", "set", "lo", "up"])?;
+        // Full checksums off the endpoints, as off a real wire.
+        host.run("ethtool", ["-K", dev, "tx", "off"])?;
+    }
+    // s1 is the NAT's bridge port: it receives what XDP_TX sends back out of n0.
+    let _peer_program = attach_pass_through(switch.name(), "s1")?;
+    client.run(
+        "ip",
+        ["route", "add", "198.18.100.10/32", "via", "198.18.0.1"],
+    )?;
+    nat.sysctl("net.ipv4.ip_forward", "1")?;
+    for iface in ["all", "default", "n0"] {
+        nat.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+        // One-arm: the kernel would otherwise tell the client to go direct.
+        nat.sysctl(&format!("net.ipv4.conf.{iface}.send_redirects"), "0")?;
+    }
+    let _http = HttpEcho::start(backend.name(), &[80])?;
+    let config = format!(
+        r#"
+[agent]
+metrics_listen = "{METRICS_LISTEN}"
+api_socket = "{API_SOCKET_PLACEHOLDER}"
+
+[conntrack]
+max_sessions = 4096
+
+[[interfaces]]
+name = "n0"
+xdp_mode = "native"
+forwarding = "xdp"
+
+[[dnat]]
+id = 1
+name = "vip-web"
+destination = "198.18.100.10"
+protocol = "tcp"
+port = 80
+to_address = "198.18.0.3"
+to_port = 80
+
+[[snat]]
+id = 2
+name = "one-arm-masquerade"
+source = "198.18.0.0/24"
+destination = "198.18.0.3"
+masquerade = true
+"#
+    );
+    let mut agent = Agent::start(&nat, &config)?;
+    for _ in 0..5 {
+        let reply: EchoReply = http_get(client.name(), "http://198.18.100.10/")?.parse()?;
+        ensure!(
+            reply.server.to_string() == "198.18.0.3:80"
+                && *reply.client.ip() == std::net::Ipv4Addr::new(198, 18, 0, 1),
+            "one-arm: the backend must see the NAT's address: {reply:?}"
+        );
+    }
+    let metrics = agent.metrics()?;
+    let transmitted = metrics.require("xdpnat_forward_total", &[("result", "transmitted")])?;
+    ensure!(
+        transmitted >= 20.0,
+        "only {transmitted} frames went back out of the same interface from XDP:\n{}",
+        agent.log_tail(2000)
+    );
+    ensure!(
+        metrics.sum("xdpnat_forward_total", &[("result", "redirected")]) == 0.0,
+        "a one-arm appliance has nowhere else to redirect to"
+    );
+    Ok(())
+}
