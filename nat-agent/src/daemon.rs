@@ -60,8 +60,14 @@ pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result
     let served = serve(&model, tx.clone()).await;
     let result = match served {
         Ok((metrics, api)) => {
+            crate::notify::ready();
+            let watchdog = crate::notify::start_watchdog(tx.clone());
             let waited = wait_for_shutdown().await;
             info!("shutting down");
+            crate::notify::stopping();
+            if let Some(watchdog) = watchdog {
+                watchdog.abort();
+            }
             if let Some(server) = metrics {
                 server.abort();
             }

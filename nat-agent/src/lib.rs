@@ -12,6 +12,7 @@ pub mod gc;
 pub mod import;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 mod owner;
 pub mod sessions;
 pub mod sysctl;
