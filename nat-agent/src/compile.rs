@@ -261,6 +261,7 @@ mod tests {
     fn model(dnat: Vec<DnatRule>, snat: Vec<SnatRule>) -> Model {
         Model {
             metrics_listen: None,
+            health_listen: None,
             api_socket: "/run/t.sock".into(),
             interfaces: Vec::new(),
             dnat,

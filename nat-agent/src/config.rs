@@ -36,6 +36,8 @@ pub struct AgentSection {
     pub metrics_listen: Option<String>,
     /// Path of the local API's unix socket (sessions list/delete/flush); a default when absent.
     pub api_socket: Option<String>,
+    /// `address:port` for load-balancer health probes (`/healthz`, `/readyz`); none when absent.
+    pub health_listen: Option<String>,
 }
 
 /// `[conntrack]`. Every field is optional; integers stay `i64` so that validation, not serde,

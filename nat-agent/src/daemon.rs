@@ -60,6 +60,21 @@ pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result
     let served = serve(&model, tx.clone()).await;
     let result = match served {
         Ok((metrics, api)) => {
+            let health = match model.health_listen {
+                Some(addr) => match crate::health::start(addr, tx.clone()).await {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        if let Some(server) = metrics {
+                            server.abort();
+                        }
+                        api.stop();
+                        drop(tx);
+                        owner.await.context("dataplane task")?;
+                        return Err(e);
+                    }
+                },
+                None => None,
+            };
             crate::notify::ready();
             let watchdog = crate::notify::start_watchdog(tx.clone());
             let waited = wait_for_shutdown().await;
@@ -67,6 +82,9 @@ pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result
             crate::notify::stopping();
             if let Some(watchdog) = watchdog {
                 watchdog.abort();
+            }
+            if let Some(server) = health {
+                server.abort();
             }
             if let Some(server) = metrics {
                 server.abort();

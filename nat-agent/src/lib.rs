@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod gc;
+pub mod health;
 pub mod import;
 pub mod metrics;
 pub mod model;

@@ -154,6 +154,8 @@ impl DnatRule {
 pub struct Model {
     /// Metrics listener address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Health-probe listener address.
+    pub health_listen: Option<SocketAddr>,
     /// The local API's unix socket.
     pub api_socket: PathBuf,
     /// Interfaces, in config order.
@@ -229,6 +231,17 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
                     place: "[agent]".into(),
                     field: Some("metrics_listen"),
                     message: format!("{s:?} is not an address:port (e.g. \"127.0.0.1:9469\")"),
+                })
+            })
+            .ok()
+    });
+    let health_listen = config.agent.health_listen.as_ref().and_then(|s| {
+        s.parse::<SocketAddr>()
+            .map_err(|_| {
+                problems.push(Problem {
+                    place: "[agent]".into(),
+                    field: Some("health_listen"),
+                    message: format!("{s:?} is not an address:port (e.g. \"0.0.0.0:8080\")"),
                 })
             })
             .ok()
@@ -309,6 +322,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
     if problems.is_empty() {
         Ok(Model {
             metrics_listen,
+            health_listen,
             api_socket,
             interfaces,
             dnat,

@@ -84,3 +84,79 @@ fn agent_notifies_ready_pings_the_watchdog_and_says_stopping() -> Result<()> {
     let _ = child.wait();
     result
 }
+
+/// A load balancer probes the NAT VM on its own address (scenario 4): the probe crosses the
+/// XDP program untranslated and `/readyz` answers while the dataplane is attached.
+#[test]
+fn health_probes_reach_the_nat_through_its_own_address() -> Result<()> {
+    let lab = DnatLab::new()?;
+    let dir = ScratchDir::new("health")?;
+    let config = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lab.toml"),
+    )?
+    .replace(
+        "[agent]",
+        &format!(
+            "[agent]\napi_socket = \"{}\"\nhealth_listen = \"0.0.0.0:8080\"",
+            dir.join("api.sock").display()
+        ),
+    );
+    let config_path = dir.write("agent.toml", &config)?;
+    let config_arg = config_path.display().to_string();
+    let mut opts = nat_lab::SpawnOptions::new("nat-agent");
+    opts.stop_signal = libc::SIGTERM;
+    opts.stop_grace = Duration::from_secs(5);
+    let mut agent = lab
+        .nat
+        .spawn(AGENT, ["run", "--config", config_arg.as_str()], opts)?;
+    let probe = |path: &str| {
+        lab.client.run(
+            "curl",
+            [
+                "-s",
+                "-w",
+                " %{http_code}",
+                "--max-time",
+                "2",
+                &format!("http://{}:8080{path}", DnatLab::NAT_CLIENT_ADDR),
+            ],
+        )
+    };
+    let ready = nat_lab::wait_until_ok("the readiness probe", Duration::from_secs(20), || {
+        agent.ensure_running()?;
+        let out = probe("/readyz")?;
+        ensure!(out.ends_with(" 200"), "not ready yet: {out}");
+        Ok(out)
+    })?;
+    ensure!(ready.starts_with("ready"), "readyz: {ready}");
+    let health = probe("/healthz")?;
+    ensure!(health == "ok\n 200", "healthz: {health:?}");
+    let status = agent.stop(Duration::from_secs(10))?;
+    ensure!(status.success(), "agent exited with {status}");
+    Ok(())
+}
+
+#[test]
+fn a_bad_health_listener_is_refused_by_check() -> Result<()> {
+    let dir = ScratchDir::new("health-bad")?;
+    let config = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/lab.toml"),
+    )?
+    .replace("[agent]", "[agent]\nhealth_listen = \"0.0.0.0\"");
+    let path = dir.write("bad.toml", &config)?;
+    let out = std::process::Command::new(AGENT)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(2), "expected exit 2: {stderr}");
+    ensure!(
+        stderr.trim()
+            == format!(
+                "error: {}: [agent]: field `health_listen`: \"0.0.0.0\" is not an address:port (e.g. \"0.0.0.0:8080\")",
+                path.display()
+            ),
+        "one located error line expected: {stderr}"
+    );
+    Ok(())
+}
