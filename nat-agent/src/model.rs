@@ -224,28 +224,18 @@ impl fmt::Display for ValidationError {
 pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationError> {
     let mut problems = Vec::new();
 
-    let metrics_listen = config.agent.metrics_listen.as_ref().and_then(|s| {
-        s.parse::<SocketAddr>()
-            .map_err(|_| {
-                problems.push(Problem {
-                    place: "[agent]".into(),
-                    field: Some("metrics_listen"),
-                    message: format!("{s:?} is not an address:port (e.g. \"127.0.0.1:9469\")"),
-                })
-            })
-            .ok()
-    });
-    let health_listen = config.agent.health_listen.as_ref().and_then(|s| {
-        s.parse::<SocketAddr>()
-            .map_err(|_| {
-                problems.push(Problem {
-                    place: "[agent]".into(),
-                    field: Some("health_listen"),
-                    message: format!("{s:?} is not an address:port (e.g. \"0.0.0.0:8080\")"),
-                })
-            })
-            .ok()
-    });
+    let metrics_listen = parse_listen(
+        config.agent.metrics_listen.as_deref(),
+        "metrics_listen",
+        "127.0.0.1:9469",
+        &mut problems,
+    );
+    let health_listen = parse_listen(
+        config.agent.health_listen.as_deref(),
+        "health_listen",
+        "0.0.0.0:8080",
+        &mut problems,
+    );
     let api_socket = validate_api_socket(config.agent.api_socket.as_deref(), &mut problems);
 
     let interfaces = validate_interfaces(&config.interfaces, &mut problems);
@@ -513,6 +503,27 @@ fn rule_protocol(
                 format!("{other:?} is not one of \"tcp\", \"udp\", \"icmp\" (omit it for any)"),
             );
             Err(())
+        }
+    }
+}
+
+/// An optional `address:port` field of `[agent]`; `example` shows the expected form.
+fn parse_listen(
+    value: Option<&str>,
+    field: &'static str,
+    example: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<SocketAddr> {
+    let text = value?;
+    match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.push(Problem {
+                place: "[agent]".into(),
+                field: Some(field),
+                message: format!("{text:?} is not an address:port (e.g. \"{example}\")"),
+            });
+            None
         }
     }
 }
