@@ -11,7 +11,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 tools="$top/.tools"
 stamp="$tools/bootstrap.stamp"
 # Bump when the list below changes so machines that ran an older list install the new bits.
-bootstrap_version=3
+bootstrap_version=4
 
 APT_PACKAGES=(
   # eBPF toolchain (TOOLCHAIN.md)
@@ -21,6 +21,10 @@ APT_PACKAGES=(
   curl chrony iperf3 python3 python3-scapy procps psmisc
   # build of -sys crates
   gcc pkg-config
+  # `cargo xtask package` (dpkg-deb, dpkg-shlibdeps, strip) and its test: systemd-analyze
+  # verify/security, man --warnings, setpriv (the unit's capabilities), strace (its
+  # system-call filter). Assembled with dpkg-deb, so no cargo-deb to build.
+  dpkg dpkg-dev binutils systemd man-db util-linux strace
 )
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }

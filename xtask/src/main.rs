@@ -3,6 +3,7 @@
 //! - `lab`: the demo — a client, the NAT agent and a backend in network namespaces.
 //! - `bench kernel`: in-kernel cost per packet (BPF_PROG_TEST_RUN), written to
 //!   `docs/benchmarks.md`.
+//! - `package`: the `xdp-nat` Debian package in `target/debian/`.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -16,6 +17,7 @@ mod bench_report;
 mod bench_sys;
 mod config;
 mod lab;
+mod package;
 mod signals;
 
 /// Project tasks for the XDP NAT.
@@ -33,6 +35,8 @@ enum Task {
     Lab(LabArgs),
     /// Benchmarks (`bench kernel`: in-kernel cost per packet). Needs root.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (release build) into target/debian/xdp-nat_*.deb.
+    Package(package::PackageArgs),
 }
 
 /// Options of `cargo xtask lab`.
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Lab(args) => lab::lab(&args),
         Task::Bench(args) => bench::bench(&args),
+        Task::Package(args) => package::package(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
