@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::{
     netns::in_netns,
-    process::{self, netns_command, wait_until, Check, ChildGuard, SpawnOptions},
+    process::{self, netns_command, wait_until, Check, ChildGuard},
 };
 
 /// The server, run as `python3 -I -c HTTP_ECHO_SCRIPT PORT...`: one listener per port on
@@ -75,14 +75,8 @@ impl HttpEcho {
     /// [`START_TIMEOUT`]) until every port accepts connections. The readiness probe makes one
     /// connection per port over loopback, before the caller sends anything.
     pub fn start(ns: &str, ports: &[u16]) -> Result<Self> {
-        if ports.is_empty() {
-            bail!("http echo server needs at least one port");
-        }
-        let mut cmd = netns_command(ns, "python3");
-        cmd.args(["-I", "-c", HTTP_ECHO_SCRIPT]);
-        cmd.args(ports.iter().map(u16::to_string));
-        let mut child = process::spawn(cmd, SpawnOptions::new("http-echo"))
-            .with_context(|| format!("starting the HTTP echo server in namespace {ns}"))?;
+        let mut child =
+            process::spawn_python_server(ns, HTTP_ECHO_SCRIPT, ports, "http echo server")?;
         wait_until(
             &format!("the HTTP echo server in {ns} to listen on {ports:?}"),
             START_TIMEOUT,

@@ -47,6 +47,25 @@ pub fn netns_command(ns: &str, program: impl AsRef<OsStr>) -> Command {
     cmd
 }
 
+/// Starts the inline Python server `script` in namespace `ns` with `ports` as its arguments
+/// (the echo servers of this crate). `label` names it in errors and logs.
+pub fn spawn_python_server(
+    ns: &str,
+    script: &str,
+    ports: &[u16],
+    label: &str,
+) -> Result<ChildGuard> {
+    if ports.is_empty() {
+        bail!("{label} needs at least one port");
+    }
+    let mut cmd = netns_command(ns, "python3");
+    // -I: isolated mode, so nothing from the environment or the working directory is imported.
+    cmd.args(["-I", "-c", script]);
+    cmd.args(ports.iter().map(u16::to_string));
+    spawn(cmd, SpawnOptions::new(label))
+        .with_context(|| format!("starting the {label} in namespace {ns}"))
+}
+
 /// Runs `cmd` to completion within `timeout` and returns its output; fails, with the command
 /// line, exit status and stderr, when it cannot start, exits non-zero or times out (then it is
 /// killed with its whole process group).

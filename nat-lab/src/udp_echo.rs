@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     netns::in_netns,
-    process::{self, netns_command, run_in, wait_until, Check, ChildGuard, SpawnOptions},
+    process::{self, run_in, wait_until, Check, ChildGuard},
 };
 
 /// The server, run as `python3 -I -c UDP_ECHO_SCRIPT PORT...`: one socket per port on
@@ -65,14 +65,8 @@ impl UdpEcho {
     /// [`START_TIMEOUT`]) until every port is bound. Readiness is read from `ss`, so no probe
     /// datagram disturbs packet counters.
     pub fn start(ns: &str, ports: &[u16]) -> Result<Self> {
-        if ports.is_empty() {
-            bail!("udp echo server needs at least one port");
-        }
-        let mut cmd = netns_command(ns, "python3");
-        cmd.args(["-I", "-c", UDP_ECHO_SCRIPT]);
-        cmd.args(ports.iter().map(u16::to_string));
-        let mut child = process::spawn(cmd, SpawnOptions::new("udp-echo"))
-            .with_context(|| format!("starting the UDP echo server in namespace {ns}"))?;
+        let mut child =
+            process::spawn_python_server(ns, UDP_ECHO_SCRIPT, ports, "udp echo server")?;
         wait_until(
             &format!("the UDP echo server in {ns} to bind {ports:?}"),
             START_TIMEOUT,

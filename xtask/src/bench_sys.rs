@@ -57,12 +57,23 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     };
     // SAFETY: `attr` is a valid BPF_MAP_UPDATE_BATCH attribute: `keys` and `values` point at
     // `count` contiguous keys and values of the map's sizes (the caller's contract), which the
-    // kernel only reads, and only during the call; it writes back `attr.count`, which we own.
+    // kernel only reads, and only during the call.
+    unsafe { batch_call(BPF_MAP_UPDATE_BATCH, &mut attr, "entries") }
+}
+
+/// Runs one batch command on `attr`, reporting how far it got on failure.
+///
+/// # Safety
+/// `attr` must be a valid batch attribute for `cmd`: its pointers must reference `attr.count`
+/// keys (and values, where the command reads them) of the map's sizes, alive for the call.
+unsafe fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr, what: &str) -> io::Result<()> {
+    let count = attr.count;
+    // SAFETY: the caller's contract; the kernel writes back only `attr.count`, which we own.
     let ret = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            std::ptr::from_mut(&mut attr),
+            cmd,
+            std::ptr::from_mut(attr),
             size_of::<BatchAttr>(),
         )
     };
@@ -72,7 +83,7 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     let err = io::Error::last_os_error();
     Err(io::Error::new(
         err.kind(),
-        format!("{err} after {} of {count} entries", attr.count),
+        format!("{err} after {} of {count} {what}", attr.count),
     ))
 }
 
@@ -94,22 +105,7 @@ pub fn delete_batch<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<(
         flags: 0,
     };
     // SAFETY: as in `update_batch`; a delete reads only the `count` keys.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_BATCH,
-            std::ptr::from_mut(&mut attr),
-            size_of::<BatchAttr>(),
-        )
-    };
-    if ret == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    Err(io::Error::new(
-        err.kind(),
-        format!("{err} after {} of {count} keys", attr.count),
-    ))
+    unsafe { batch_call(BPF_MAP_DELETE_BATCH, &mut attr, "keys") }
 }
 
 /// The kernel's memory accounting of the BPF object behind `fd` (the `memlock:` line of
