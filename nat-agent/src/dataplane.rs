@@ -4,29 +4,32 @@
 //! [`SessionStore`], so the reconcilers and the expiry sweep are plain logic that the tests
 //! drive with in-memory tables.
 
+mod bank;
 mod sessions;
 mod snat;
 mod sys;
 
+pub use bank::BANK_GRACE;
+
 pub use sessions::{BpfTable, KernelSessions, KvTable, MemStore, SessionStore, Walk};
 pub use snat::{reconcile_snat, SnatTables};
 
-use std::{collections::BTreeMap, ffi::CString};
+use std::{collections::BTreeMap, ffi::CString, time::Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
     programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
     Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
 use nat_common::{
+    maps::{BankedPrefix, FORWARD_COUNTERS, FORWARD_XDP, IFACE_FORWARD, RULE_BANK, RULE_BANKS},
     maps::{
         BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, MAPPINGS, NEW_FLOW_SLOT,
         PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS, SNAT_POOLS,
         SNAT_RULES, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
     },
-    maps::{FORWARD_COUNTERS, FORWARD_XDP, IFACE_FORWARD},
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
@@ -160,8 +163,8 @@ struct SnatState {
     compiled: CompiledSnat,
     /// Interface name -> index as last resolved (absent: the interface did not exist).
     ifindex: BTreeMap<String, u32>,
-    /// Pools written by the last apply.
-    pools_written: usize,
+    /// Pools written into each bank by its last write.
+    pools_written: [usize; RULE_BANKS as usize],
 }
 
 /// The loaded program and its maps.
@@ -173,6 +176,10 @@ pub struct Dataplane {
     sessions: Option<KernelSessions>,
     max_sessions: u32,
     snat: SnatState,
+    /// Which rule bank is live.
+    bank: bank::BankState,
+    /// The rule set in force (what the live bank holds).
+    applied: Compiled,
 }
 
 impl Dataplane {
@@ -211,6 +218,8 @@ impl Dataplane {
             sessions,
             max_sessions: options.max_sessions,
             snat: SnatState::default(),
+            bank: bank::BankState::default(),
+            applied: Compiled::default(),
         })
     }
 
@@ -389,9 +398,12 @@ impl Dataplane {
         }
     }
 
-    /// Writes a compiled config into the maps: SNAT pools and rules first (DNAT rules with the
-    /// SNAT check consult them), then the DNAT tries. Egress interfaces are resolved here, in
-    /// the agent's network namespace.
+    /// Makes `compiled` the rule set in force: writes it into the rule bank the program is
+    /// not using (SNAT pools and rules first, then the DNAT tries) and flips `RULE_BANK`, so
+    /// the program switches from one complete rule set to the other at one point in time.
+    /// Egress interfaces are resolved here, in the agent's network namespace.
+    ///
+    /// On error the bank in use is untouched: the rules in force stay exactly as they were.
     pub fn apply(&mut self, compiled: &Compiled) -> Result<()> {
         let needs_conntrack = !compiled.snat.pools.is_empty() || !compiled.stateful.is_empty();
         if needs_conntrack && !self.has_conntrack() {
@@ -400,39 +412,71 @@ impl Dataplane {
                  {SNAT_RULES}, {SNAT_POOLS}), which [[snat]] rules and stateful DNAT rules need"
             );
         }
-        if self.has_conntrack() {
-            let ifindex = resolve_interfaces(compiled.snat.interface_names(), interface_index);
-            for name in compiled.snat.interface_names() {
-                if !ifindex.contains_key(name) {
-                    warn!(interface = name, "out_interface does not exist (yet): its SNAT rules match nothing until it appears");
-                }
+        let ifindex = resolve_interfaces(compiled.snat.interface_names(), interface_index);
+        for name in compiled.snat.interface_names() {
+            if !ifindex.contains_key(name) {
+                warn!(interface = name, "out_interface does not exist (yet): its SNAT rules match nothing until it appears");
             }
+        }
+        self.write_bank(compiled, ifindex)
+    }
+
+    /// The rule bank the program reads now.
+    pub fn active_bank(&self) -> u32 {
+        self.bank.active
+    }
+
+    fn write_bank(&mut self, compiled: &Compiled, ifindex: BTreeMap<String, u32>) -> Result<()> {
+        let target = self.bank.target();
+        let wait = self.bank.wait_before_write(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        if self.has_conntrack() {
             reconcile_snat(
                 &mut snat::KernelSnatTables {
                     ebpf: &mut self.ebpf,
+                    bank: target,
                 },
                 &compiled.snat.resolved_sets(&ifindex),
                 &compiled.snat.pools,
-                self.snat.pools_written,
+                self.snat.pools_written[target as usize],
             )
-            .context("writing the SNAT rules")?;
-            self.snat = SnatState {
-                compiled: compiled.snat.clone(),
-                ifindex,
-                pools_written: compiled.snat.pools.len(),
-            };
+            .with_context(|| format!("writing the SNAT rules into rule bank {target}"))?;
+            self.snat.pools_written[target as usize] = compiled.snat.pools.len();
         }
         reconcile(
             &mut KernelTables {
                 ebpf: &mut self.ebpf,
+                bank: target,
             },
             &compiled.dnat,
         )
-        .context("writing the DNAT rules")
+        .with_context(|| format!("writing the DNAT rules into rule bank {target}"))?;
+        let map = self
+            .ebpf
+            .map_mut(RULE_BANK)
+            .ok_or_else(|| anyhow!("the object has no map {RULE_BANK}"))?;
+        let mut active: Array<&mut MapData, u32> =
+            Array::try_from(map).with_context(|| format!("opening {RULE_BANK}"))?;
+        active
+            .set(0, target, 0)
+            .with_context(|| format!("switching {RULE_BANK} to bank {target}"))?;
+        debug!(bank = target, "rule bank switched");
+        self.bank = bank::BankState {
+            active: target,
+            written: true,
+            flipped_at: Some(Instant::now()),
+        };
+        self.snat.compiled = compiled.snat.clone();
+        self.snat.ifindex = ifindex;
+        self.applied = compiled.clone();
+        Ok(())
     }
 
-    /// Resolves the SNAT rules' egress interfaces again and rewrites the rule sets if an index
-    /// changed (an interface created, deleted or recreated since). Returns whether it did.
+    /// Resolves the SNAT rules' egress interfaces again and, if an index changed (an interface
+    /// created, deleted or recreated since), writes the rule set again with the new indexes
+    /// (through the other bank, like any change). Returns whether it did.
     pub fn refresh_snat_interfaces(&mut self) -> Result<bool> {
         if self
             .snat
@@ -463,16 +507,8 @@ impl Dataplane {
                 }
             }
         }
-        let sets = self.snat.compiled.resolved_sets(&ifindex);
-        let mut tables = snat::KernelSnatTables {
-            ebpf: &mut self.ebpf,
-        };
-        // Only the sets change: the pools are untouched.
-        for (prefix, set) in &sets {
-            tables.put(*prefix, set)?;
-        }
-        debug!(sets = sets.len(), "SNAT rule sets rewritten");
-        self.snat.ifindex = ifindex;
+        let compiled = self.applied.clone();
+        self.write_bank(&compiled, ifindex)?;
         Ok(true)
     }
 
@@ -596,17 +632,22 @@ pub fn resolve_interfaces<'a>(
         .collect()
 }
 
-/// [`RuleTables`] over the real tries.
+/// [`RuleTables`] over one bank of the real tries.
 struct KernelTables<'a> {
     ebpf: &'a mut Ebpf,
+    bank: u32,
+}
+
+fn trie_name(table: Table) -> &'static str {
+    match table {
+        Table::Forward => DNAT_FORWARD,
+        Table::Reverse => DNAT_REVERSE,
+    }
 }
 
 impl KernelTables<'_> {
-    fn trie(&mut self, table: Table) -> Result<LpmTrie<&mut MapData, [u8; 4], NatRuleSet>> {
-        let name = match table {
-            Table::Forward => DNAT_FORWARD,
-            Table::Reverse => DNAT_REVERSE,
-        };
+    fn trie(&mut self, table: Table) -> Result<LpmTrie<&mut MapData, BankedPrefix, NatRuleSet>> {
+        let name = trie_name(table);
         let map = self
             .ebpf
             .map_mut(name)
@@ -617,36 +658,29 @@ impl KernelTables<'_> {
 
 impl RuleTables for KernelTables<'_> {
     fn prefixes(&self, table: Table) -> Result<Vec<Ipv4Net>> {
-        let name = match table {
-            Table::Forward => DNAT_FORWARD,
-            Table::Reverse => DNAT_REVERSE,
-        };
+        let name = trie_name(table);
         let map = self
             .ebpf
             .map(name)
             .ok_or_else(|| anyhow!("missing map {name}"))?;
-        let trie: LpmTrie<&MapData, [u8; 4], NatRuleSet> = LpmTrie::try_from(map)?;
-        trie.keys()
-            .map(|k| {
-                let k = k.with_context(|| format!("listing {name}"))?;
-                Ipv4Net::new(k.data().into(), k.prefix_len() as u8)
-                    .context("bad prefix length in trie")
-            })
-            .collect()
+        let trie: LpmTrie<&MapData, BankedPrefix, NatRuleSet> = LpmTrie::try_from(map)?;
+        bank::prefixes_in(self.bank, trie.keys(), name)
     }
 
     fn put(&mut self, table: Table, prefix: Ipv4Net, set: &NatRuleSet) -> Result<()> {
-        let key = Key::new(u32::from(prefix.prefix_len()), prefix.network().octets());
+        let key = bank::key(self.bank, prefix);
+        let bank = self.bank;
         self.trie(table)?
             .insert(&key, set, 0)
-            .with_context(|| format!("writing {prefix} into the {table:?} table"))
+            .with_context(|| format!("writing {prefix} into bank {bank} of the {table:?} table"))
     }
 
     fn remove(&mut self, table: Table, prefix: Ipv4Net) -> Result<()> {
-        let key = Key::new(u32::from(prefix.prefix_len()), prefix.network().octets());
+        let key = bank::key(self.bank, prefix);
+        let bank = self.bank;
         self.trie(table)?
             .remove(&key)
-            .with_context(|| format!("removing {prefix} from the {table:?} table"))
+            .with_context(|| format!("removing {prefix} from bank {bank} of the {table:?} table"))
     }
 }
 

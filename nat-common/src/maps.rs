@@ -1,15 +1,45 @@
 //! Names and sizes of the maps the kernel program declares; the agent opens them by these names.
 
-/// LPM trie, key: destination prefix (network order), value: [`crate::rules::NatRuleSet`].
+/// LPM trie, key: [`BankedPrefix`] of the destination, value: [`crate::rules::NatRuleSet`].
 pub const DNAT_FORWARD: &str = "DNAT_FORWARD";
-/// LPM trie, key: source prefix (network order), value: [`crate::rules::NatRuleSet`].
+/// LPM trie, key: [`BankedPrefix`] of the source, value: [`crate::rules::NatRuleSet`].
 pub const DNAT_REVERSE: &str = "DNAT_REVERSE";
+
+/// Array of one `u32`: the rule bank (0 or 1) the programs translate new packets with.
+///
+/// Every rule table (the DNAT tries, `SNAT_RULES`, `SNAT_POOLS`) holds two banks. The agent
+/// writes a new rule set into the bank not in use and then flips this one value, so a packet
+/// always sees one complete rule set, never a half-applied change. Each program run reads it
+/// once and makes its whole decision in that bank.
+pub const RULE_BANK: &str = "RULE_BANK";
+/// Number of rule banks.
+pub const RULE_BANKS: u32 = 2;
+
+/// The data part of a rule trie key: the bank byte, then the IPv4 address (network order).
+/// The key's prefix length counts the bank byte, so a /24 in bank 1 is stored as
+/// `Key::new(8 + 24, [1, a, b, c, 0])` and looked up with `Key::new(40, [1, a, b, c, d])`.
+pub type BankedPrefix = [u8; 5];
+
+/// Bits of a [`BankedPrefix`] taken by the bank.
+pub const BANK_PREFIX_BITS: u32 = 8;
+
+/// The trie key data for `addr` in `bank`.
+#[inline(always)]
+pub const fn banked(bank: u32, addr: [u8; 4]) -> BankedPrefix {
+    [bank as u8, addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// The `SNAT_POOLS` index of pool `index` of `bank`: each bank owns [`MAX_POOLS`] entries.
+#[inline(always)]
+pub const fn banked_pool(bank: u32, index: u32) -> u32 {
+    bank * MAX_POOLS + index
+}
 /// Per-CPU array indexed by rule counter slot, value: [`crate::stats::RuleCounters`].
 pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
 /// Per-CPU array indexed by [`crate::stats::Reason`], value: packet count (u64).
 pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
 
-/// Most distinct prefixes each DNAT trie holds.
+/// Most distinct prefixes one bank of each DNAT trie holds (the trie holds both banks).
 pub const MAX_DNAT_PREFIXES: u32 = 16_384;
 /// Rule counter slots: the most rules a config may have.
 pub const MAX_RULES: u32 = 4_096;
@@ -42,16 +72,16 @@ pub const REPLIES: &str = "REPLIES";
 pub const MAPPINGS: &str = "MAPPINGS";
 /// Hash, key: external [`crate::conntrack::Endpoint`], value: inside endpoint (port claims).
 pub const BINDINGS: &str = "BINDINGS";
-/// LPM trie, key: source prefix, value: [`crate::conntrack::SnatRuleSet`].
+/// LPM trie, key: [`BankedPrefix`] of the source, value: [`crate::conntrack::SnatRuleSet`].
 pub const SNAT_RULES: &str = "SNAT_RULES";
-/// Array indexed by pool id, value: [`crate::conntrack::Pool`].
+/// Array indexed by pool id ([`banked_pool`]), value: [`crate::conntrack::Pool`].
 pub const SNAT_POOLS: &str = "SNAT_POOLS";
 
 /// Default capacity of the session table (and of the mapping and binding tables).
 pub const DEFAULT_MAX_SESSIONS: u32 = 262_144;
-/// Most distinct SNAT source prefixes.
+/// Most distinct SNAT source prefixes per bank.
 pub const MAX_SNAT_PREFIXES: u32 = 4_096;
-/// Most SNAT pools (one per SNAT rule).
+/// Most SNAT pools per bank (one per SNAT rule).
 pub const MAX_POOLS: u32 = 1_024;
 
 /// Hash, key: ingress interface index, value: `FORWARD_*` flags of that interface (absent: the

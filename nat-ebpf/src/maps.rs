@@ -4,27 +4,33 @@
 use crate::newflow::NewFlow;
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
 };
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
     maps::{
-        DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES,
-        MAX_SNAT_PREFIXES,
+        banked, BankedPrefix, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES,
+        MAX_INTERFACES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, RULE_BANKS,
     },
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
 
-/// Destination prefix (network order) -> DNAT rules that can apply to it, in priority order.
-#[map(name = "DNAT_FORWARD")]
-pub static DNAT_FORWARD: LpmTrie<[u8; 4], NatRuleSet> =
-    LpmTrie::with_max_entries(MAX_DNAT_PREFIXES, 0);
+/// Which rule bank new decisions use (see `nat_common::maps::RULE_BANK`): entry 0 is 0 or 1.
+#[map(name = "RULE_BANK")]
+pub static RULE_BANK: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Source prefix (network order) of backends -> reverse rules restoring the VIP on replies.
+/// Bank + destination prefix (network order) -> DNAT rules that can apply to it, in priority
+/// order.
+#[map(name = "DNAT_FORWARD")]
+pub static DNAT_FORWARD: LpmTrie<BankedPrefix, NatRuleSet> =
+    LpmTrie::with_max_entries(MAX_DNAT_PREFIXES * RULE_BANKS, 0);
+
+/// Bank + source prefix (network order) of backends -> reverse rules restoring the VIP on
+/// replies.
 #[map(name = "DNAT_REVERSE")]
-pub static DNAT_REVERSE: LpmTrie<[u8; 4], NatRuleSet> =
-    LpmTrie::with_max_entries(MAX_DNAT_PREFIXES, 0);
+pub static DNAT_REVERSE: LpmTrie<BankedPrefix, NatRuleSet> =
+    LpmTrie::with_max_entries(MAX_DNAT_PREFIXES * RULE_BANKS, 0);
 
 /// Per-rule packet and byte counters, indexed by the rule's counter slot.
 #[map(name = "RULE_COUNTERS")]
@@ -54,14 +60,35 @@ pub static MAPPINGS: HashMap<Endpoint, Mapping> =
 pub static BINDINGS: HashMap<Endpoint, Endpoint> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
 
-/// Source prefix -> SNAT rules that can apply to it, in priority order.
+/// Bank + source prefix -> SNAT rules that can apply to it, in priority order.
 #[map(name = "SNAT_RULES")]
-pub static SNAT_RULES: LpmTrie<[u8; 4], SnatRuleSet> =
-    LpmTrie::with_max_entries(MAX_SNAT_PREFIXES, 0);
+pub static SNAT_RULES: LpmTrie<BankedPrefix, SnatRuleSet> =
+    LpmTrie::with_max_entries(MAX_SNAT_PREFIXES * RULE_BANKS, 0);
 
-/// Pool id -> external addresses and port range of an SNAT rule.
+/// Pool id -> external addresses and port range of an SNAT rule. Each bank owns
+/// `MAX_POOLS` ids; the rule sets of a bank point only at that bank's pools.
 #[map(name = "SNAT_POOLS")]
-pub static SNAT_POOLS: Array<Pool> = Array::with_max_entries(MAX_POOLS, 0);
+pub static SNAT_POOLS: Array<Pool> = Array::with_max_entries(MAX_POOLS * RULE_BANKS, 0);
+
+/// The rule bank this program run decides with. Read once per run: a flip by the agent
+/// in the middle of a run must not mix two rule sets.
+#[inline(always)]
+pub fn rule_bank() -> u32 {
+    match RULE_BANK.get(0) {
+        Some(&bank) if bank < RULE_BANKS => bank,
+        _ => 0,
+    }
+}
+
+/// Longest-prefix lookup of `addr` in `bank` of one of the rule tries.
+#[inline(always)]
+pub fn rule_lookup<V>(
+    trie: &'static LpmTrie<BankedPrefix, V>,
+    bank: u32,
+    addr: [u8; 4],
+) -> Option<&'static V> {
+    trie.get(Key::new(32 + BANK_PREFIX_BITS, banked(bank, addr)))
+}
 
 /// Slot 0: the new-flow program (`xdp_nat_new_flow`); slot 1: the rules program
 /// (`xdp_nat_rules`). Installed by the agent.

@@ -9,7 +9,7 @@
 //! `xdp_nat_rules`, [`try_rules`]: DNAT rules that need a session (stateful, or SNAT applies
 //! too) and SNAT rules; a new session goes on to `xdp_nat_new_flow` (`newflow`).
 
-use aya_ebpf::{maps::lpm_trie::Key, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use nat_common::{
     conntrack::FlowKey, ipv4::icmp_is_error, maps::RULES_SLOT, rules::RULE_SNAT_CHECK,
     stats::Reason,
@@ -19,7 +19,7 @@ use crate::{
     conntrack,
     dnat::{self, Side},
     forward,
-    maps::{DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
+    maps::{rule_bank, rule_lookup, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
     newflow,
     parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     snat::{self, SnatDecision},
@@ -42,25 +42,26 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
             return Ok(reason);
         }
     }
-    if let Some(set) = DNAT_FORWARD.get(Key::new(32, pkt.dst)) {
+    let bank = rule_bank();
+    if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, pkt.dst) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Destination)? {
             // An SNAT check can only find something if the source has SNAT rules at all
             // (destination NAT leaves the source as it is): one trie lookup here spares
             // stateless DNAT flows the tail call.
             let snat_possible = rule.flags & RULE_SNAT_CHECK != 0
-                && SNAT_RULES.get(Key::new(32, pkt.src)).is_some();
+                && rule_lookup(&SNAT_RULES, bank, pkt.src).is_some();
             if rule.is_stateful() || snat_possible {
                 return Err(to_rules_program(ctx));
             }
             return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Destination);
         }
     }
-    if let Some(set) = DNAT_REVERSE.get(Key::new(32, pkt.src)) {
+    if let Some(set) = rule_lookup(&DNAT_REVERSE, bank, pkt.src) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Source)? {
             return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Source);
         }
     }
-    if SNAT_RULES.get(Key::new(32, pkt.src)).is_some() {
+    if rule_lookup(&SNAT_RULES, bank, pkt.src).is_some() {
         return Err(to_rules_program(ctx));
     }
     Err(Reason::NoMatch)
@@ -83,9 +84,12 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
     let key = l4.flow_key(&pkt);
     let trackable = l4.trackable(&pkt);
 
+    // The bank is read again rather than handed over: this program decides everything from
+    // scratch, so whichever bank it reads, the decision comes from one complete rule set.
+    let bank = rule_bank();
     // Destination first (PREROUTING), then source rules on the translated packet (POSTROUTING).
     let mut dnat_rule = None;
-    if let Some(set) = DNAT_FORWARD.get(Key::new(32, pkt.dst)) {
+    if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, pkt.dst) {
         dnat_rule = dnat::find_rule(&pkt, &l4, set, Side::Destination)?;
     }
     let (to, check_snat, stateful) = match &dnat_rule {
@@ -97,7 +101,7 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
         None => (key, true, false),
     };
     let decision = if check_snat && trackable {
-        snat::decide(ctx, &to, pkt.info.total_len as u16)
+        snat::decide(ctx, bank, &to, pkt.info.total_len as u16)
     } else {
         SnatDecision::NoRule
     };
@@ -134,7 +138,7 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
         // Untrackable packets never reached `decide`: tell why they cannot be translated.
         SnatDecision::NoRule if trackable => return Err(Reason::NoMatch),
         SnatDecision::NoRule => {
-            return Err(untrackable_reason(ctx, &pkt, &l4, &key));
+            return Err(untrackable_reason(ctx, bank, &pkt, &l4, &key));
         }
     };
     Err(newflow::hand_over(ctx, &key, &key, None, Some(choice)))
@@ -142,8 +146,14 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
 
 /// Why a packet with SNAT rules for its source but no trackable tuple is not translated.
 #[inline(always)]
-fn untrackable_reason(ctx: &XdpContext, pkt: &Ipv4Packet, l4: &L4, key: &FlowKey) -> Reason {
-    match snat::decide(ctx, key, pkt.info.total_len as u16) {
+fn untrackable_reason(
+    ctx: &XdpContext,
+    bank: u32,
+    pkt: &Ipv4Packet,
+    l4: &L4,
+    key: &FlowKey,
+) -> Reason {
+    match snat::decide(ctx, bank, key, pkt.info.total_len as u16) {
         SnatDecision::NoRule => return Reason::NoMatch,
         // Exempt traffic (an IPsec bypass, say) passes whatever its protocol.
         SnatDecision::Exempt => return Reason::SnatExempt,

@@ -3,7 +3,6 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
-    maps::lpm_trie::Key,
     programs::XdpContext,
 };
 use nat_common::conntrack::{
@@ -15,7 +14,7 @@ use nat_common::stats::Reason;
 use crate::{
     conntrack::{same_endpoint, EEXIST},
     fib,
-    maps::{BINDINGS, MAPPINGS, SNAT_POOLS, SNAT_RULES},
+    maps::{rule_lookup, BINDINGS, MAPPINGS, SNAT_POOLS, SNAT_RULES},
 };
 
 /// The SNAT rule chosen for a flow.
@@ -39,14 +38,15 @@ pub enum SnatDecision {
     Translate(SnatChoice),
 }
 
-/// Evaluates the SNAT rules for a packet whose (possibly DNAT-translated) tuple is `key`.
+/// Evaluates the SNAT rules of rule `bank` for a packet whose (possibly DNAT-translated) tuple
+/// is `key`. The chosen pool id is already the bank's (the agent writes banked pool ids).
 ///
 /// The route is looked up once, before the walk, whenever the source has SNAT rules at all:
 /// this code only runs for packets that start a flow, and a loop without per-iteration
 /// lookup state keeps the verifier's path count small.
 #[inline(always)]
-pub fn decide(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> SnatDecision {
-    let Some(set) = SNAT_RULES.get(Key::new(32, key.src)) else {
+pub fn decide(ctx: &XdpContext, bank: u32, key: &FlowKey, tot_len: u16) -> SnatDecision {
+    let Some(set) = rule_lookup(&SNAT_RULES, bank, key.src) else {
         return SnatDecision::NoRule;
     };
     let route = fib::egress(ctx, key, tot_len);

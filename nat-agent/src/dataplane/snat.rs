@@ -5,16 +5,19 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapData},
+    maps::{Array, LpmTrie, MapData},
     Ebpf,
 };
 use ipnet::Ipv4Net;
 use nat_common::{
     conntrack::{Pool, SnatRuleSet},
-    maps::{SNAT_POOLS, SNAT_RULES},
+    maps::{banked_pool, BankedPrefix, SNAT_POOLS, SNAT_RULES},
 };
 
-/// Write access to `SNAT_RULES` and `SNAT_POOLS`.
+use super::bank;
+
+/// Write access to one bank of `SNAT_RULES` and `SNAT_POOLS` (pool indexes and the pool ids in
+/// the sets are the bank's own, from 0).
 pub trait SnatTables {
     /// The source prefixes currently present.
     fn prefixes(&self) -> Result<Vec<Ipv4Net>>;
@@ -52,13 +55,14 @@ pub fn reconcile_snat(
     Ok(())
 }
 
-/// [`SnatTables`] over the kernel maps.
+/// [`SnatTables`] over one bank of the kernel maps.
 pub(super) struct KernelSnatTables<'a> {
     pub(super) ebpf: &'a mut Ebpf,
+    pub(super) bank: u32,
 }
 
 impl KernelSnatTables<'_> {
-    fn trie(&mut self) -> Result<LpmTrie<&mut MapData, [u8; 4], SnatRuleSet>> {
+    fn trie(&mut self) -> Result<LpmTrie<&mut MapData, BankedPrefix, SnatRuleSet>> {
         let map = self
             .ebpf
             .map_mut(SNAT_RULES)
@@ -73,28 +77,30 @@ impl SnatTables for KernelSnatTables<'_> {
             .ebpf
             .map(SNAT_RULES)
             .ok_or_else(|| anyhow!("missing map {SNAT_RULES}"))?;
-        let trie: LpmTrie<&MapData, [u8; 4], SnatRuleSet> = LpmTrie::try_from(map)?;
-        trie.keys()
-            .map(|k| {
-                let k = k.with_context(|| format!("listing {SNAT_RULES}"))?;
-                Ipv4Net::new(k.data().into(), k.prefix_len() as u8)
-                    .context("bad prefix length in trie")
-            })
-            .collect()
+        let trie: LpmTrie<&MapData, BankedPrefix, SnatRuleSet> = LpmTrie::try_from(map)?;
+        bank::prefixes_in(self.bank, trie.keys(), SNAT_RULES)
     }
 
     fn put(&mut self, prefix: Ipv4Net, set: &SnatRuleSet) -> Result<()> {
-        let key = Key::new(u32::from(prefix.prefix_len()), prefix.network().octets());
+        let key = bank::key(self.bank, prefix);
+        // The kernel reads pool ids as they are: point this bank's rules at its own pools.
+        let mut set = *set;
+        let base = banked_pool(self.bank, 0);
+        for rule in set.rules.iter_mut() {
+            rule.pool += base;
+        }
+        let bank = self.bank;
         self.trie()?
             .insert(&key, set, 0)
-            .with_context(|| format!("writing {prefix} into {SNAT_RULES}"))
+            .with_context(|| format!("writing {prefix} into bank {bank} of {SNAT_RULES}"))
     }
 
     fn remove(&mut self, prefix: Ipv4Net) -> Result<()> {
-        let key = Key::new(u32::from(prefix.prefix_len()), prefix.network().octets());
+        let key = bank::key(self.bank, prefix);
+        let bank = self.bank;
         self.trie()?
             .remove(&key)
-            .with_context(|| format!("removing {prefix} from {SNAT_RULES}"))
+            .with_context(|| format!("removing {prefix} from bank {bank} of {SNAT_RULES}"))
     }
 
     fn put_pool(&mut self, index: u32, pool: &Pool) -> Result<()> {
@@ -104,9 +110,10 @@ impl SnatTables for KernelSnatTables<'_> {
             .ok_or_else(|| anyhow!("missing map {SNAT_POOLS}"))?;
         let mut pools: Array<&mut MapData, Pool> =
             Array::try_from(map).with_context(|| format!("opening {SNAT_POOLS}"))?;
+        let id = banked_pool(self.bank, index);
         pools
-            .set(index, pool, 0)
-            .with_context(|| format!("writing {SNAT_POOLS}[{index}]"))
+            .set(id, pool, 0)
+            .with_context(|| format!("writing {SNAT_POOLS}[{id}]"))
     }
 }
 

@@ -202,6 +202,23 @@ impl Fixture {
         }
     }
 
+    /// Replaces the rules with those of `config_toml` the way the running agent applies a
+    /// change: compiled with the counter slots of the rules that stay, written into the rule
+    /// bank not in use, then switched to. The other sections must stay as loaded.
+    pub fn reload(&mut self, config_toml: &str) {
+        let raw = ConfigFile::parse(FIXTURE_FILE, config_toml)
+            .unwrap_or_else(|e| panic!("fixture config does not parse: {e}"));
+        let model = validate(FIXTURE_FILE, &raw)
+            .unwrap_or_else(|e| panic!("fixture config does not validate:\n{e}"));
+        let compiled = compile(&model, &self.compiled.slots)
+            .unwrap_or_else(|p| panic!("fixture config does not compile: {p:?}"));
+        self.dataplane
+            .apply(&compiled)
+            .unwrap_or_else(|e| panic!("applying the changed rules: {e:#}"));
+        self.model = model;
+        self.compiled = compiled;
+    }
+
     /// Makes later runs arrive on interface `ifindex` (of the network namespace of the thread
     /// that runs them): the program's FIB lookups then start from that interface. `None`
     /// restores the default (no context passed).
