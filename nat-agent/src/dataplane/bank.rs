@@ -58,7 +58,7 @@ pub fn prefixes_in(
 }
 
 /// Which bank is live and when the other one was last live.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct BankState {
     /// The bank the program reads.
     pub active: u32,
@@ -67,16 +67,6 @@ pub struct BankState {
     pub written: bool,
     /// When `active` last changed.
     pub flipped_at: Option<Instant>,
-}
-
-impl Default for BankState {
-    fn default() -> Self {
-        BankState {
-            active: 0,
-            written: false,
-            flipped_at: None,
-        }
-    }
 }
 
 impl BankState {
