@@ -12,6 +12,7 @@ mod stateful;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
+use nat_common::maps::MAX_RULES;
 use nat_common::rules::{
     NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT, RULE_SNAT_CHECK,
     RULE_STATEFUL,
@@ -45,8 +46,10 @@ pub struct Compiled {
     pub stateful: Vec<StatefulRule>,
 }
 
-/// Compiles `model`. Rule ids keep the counter slot they had in `previous` (so counters carry
-/// on across reloads); new ids take the lowest free slots.
+/// Compiles `model`. Rule ids keep the counter slot they have in `history` (so counters carry
+/// on across changes, and a rule deleted and added again continues its counters); new ids
+/// take slots no rule has held yet, and only when none is left, slots of deleted rules. Keep
+/// `history` with [`slot_history_after`].
 pub fn compile(model: &Model, previous: &BTreeMap<u32, u32>) -> Result<Compiled, Vec<Problem>> {
     let ids: Vec<u32> = model
         .dnat
@@ -78,27 +81,47 @@ pub fn compile(model: &Model, previous: &BTreeMap<u32, u32>) -> Result<Compiled,
     }
 }
 
-fn assign_slots(ids: &[u32], previous: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
+fn assign_slots(ids: &[u32], history: &BTreeMap<u32, u32>) -> BTreeMap<u32, u32> {
     let mut slots = BTreeMap::new();
     let mut used = BTreeSet::new();
     for id in ids {
-        if let Some(&slot) = previous.get(id) {
-            slots.insert(*id, slot);
-            used.insert(slot);
+        if let Some(&slot) = history.get(id) {
+            if used.insert(slot) {
+                slots.insert(*id, slot);
+            }
         }
     }
-    let mut next = 0u32;
+    // A slot a deleted rule held may still be counted into by that rule's sessions; a new
+    // rule gets a slot nobody had, while there is one.
+    let held: BTreeSet<u32> = history.values().copied().collect();
+    let mut fresh = (0..MAX_RULES).filter(|s| !held.contains(s));
+    let mut retired = held.iter().copied().filter(|s| !used.contains(s));
     for id in ids {
         if slots.contains_key(id) {
             continue;
         }
-        while used.contains(&next) {
-            next += 1;
+        // Validation caps the rules at MAX_RULES, so one of the two always has a slot left.
+        if let Some(slot) = fresh.next().or_else(|| retired.next()) {
+            slots.insert(*id, slot);
         }
-        slots.insert(*id, next);
-        used.insert(next);
     }
     slots
+}
+
+/// The slot history after `slots` came into force: every id's latest slot, minus ids whose
+/// slot a newer rule took over.
+pub fn slot_history_after(
+    history: &BTreeMap<u32, u32>,
+    slots: &BTreeMap<u32, u32>,
+) -> BTreeMap<u32, u32> {
+    let taken: BTreeSet<u32> = slots.values().copied().collect();
+    let mut next: BTreeMap<u32, u32> = history
+        .iter()
+        .filter(|(id, slot)| !taken.contains(slot) || slots.get(id) == Some(slot))
+        .map(|(id, slot)| (*id, *slot))
+        .collect();
+    next.extend(slots.iter().map(|(id, slot)| (*id, *slot)));
+    next
 }
 
 /// The DNAT tries. Stateful rules are marked in the forward table and left out of the reverse
@@ -263,6 +286,7 @@ mod tests {
             metrics_listen: None,
             health_listen: None,
             api_socket: "/run/t.sock".into(),
+            api_group: None,
             interfaces: Vec::new(),
             dnat,
             snat,
@@ -373,6 +397,32 @@ mod tests {
         let second = compile_dnat_only(&[c, a], &first.slots).unwrap();
         assert_eq!(second.slots[&1], first.slots[&1]);
         assert_eq!(second.slots[&3], first.slots[&3]);
+    }
+
+    #[test]
+    fn new_rules_never_take_the_slot_of_a_rule_just_deleted() {
+        let a = rule(1, "198.18.100.1/32", None, "198.18.1.1/32", None);
+        let b = rule(2, "198.18.100.2/32", None, "198.18.1.2/32", None);
+        let c = rule(3, "198.18.100.3/32", None, "198.18.1.3/32", None);
+        let first = compile_dnat_only(&[a.clone(), b.clone()], &BTreeMap::new()).unwrap();
+        let history = slot_history_after(&BTreeMap::new(), &first.slots);
+        // b deleted, c added: c must not inherit b's slot (b's sessions still count there).
+        let second = compile_dnat_only(&[a.clone(), c.clone()], &history).unwrap();
+        assert_eq!(second.slots[&1], first.slots[&1]);
+        assert_ne!(second.slots[&3], first.slots[&2]);
+        let history = slot_history_after(&history, &second.slots);
+        // b back: its old slot again, so its counters continue.
+        let third = compile_dnat_only(&[a, b, c], &history).unwrap();
+        assert_eq!(third.slots[&2], first.slots[&2]);
+        let distinct: BTreeSet<u32> = third.slots.values().copied().collect();
+        assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn slot_history_forgets_ids_whose_slot_was_taken_over() {
+        let history = BTreeMap::from([(1, 0), (2, 1)]);
+        let next = slot_history_after(&history, &BTreeMap::from([(3, 1)]));
+        assert_eq!(next, BTreeMap::from([(1, 0), (3, 1)]));
     }
 
     #[test]

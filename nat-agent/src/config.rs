@@ -34,8 +34,11 @@ pub struct ConfigFile {
 pub struct AgentSection {
     /// `address:port` of the Prometheus metrics listener; no listener when absent.
     pub metrics_listen: Option<String>,
-    /// Path of the local API's unix socket (sessions list/delete/flush); a default when absent.
+    /// Path of the local API's unix socket; a default when absent.
     pub api_socket: Option<String>,
+    /// Group (name) that may use the local API besides root: the socket is given to it with
+    /// mode 0660. Only root when absent.
+    pub api_group: Option<String>,
     /// `address:port` for load-balancer health probes (`/healthz`, `/readyz`); none when absent.
     pub health_listen: Option<String>,
 }
@@ -65,7 +68,7 @@ pub struct ConntrackSection {
 
 /// One address or prefix, or a list of them: `"203.0.113.1"`, `"203.0.113.0/30"` or
 /// `["203.0.113.1", "203.0.113.7"]`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum AddressList {
     /// A single address or prefix.
@@ -76,7 +79,7 @@ pub enum AddressList {
 
 /// `[[snat]]`: rewrite the source of matching packets to an external address and port, with
 /// a session so that replies are restored.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnatEntry {
     /// Stable rule id, unique across DNAT and SNAT rules.
@@ -116,7 +119,7 @@ pub struct InterfaceEntry {
 }
 
 /// A port or an inclusive port range: `80`, `"80"` or `"8000-8009"`.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum PortSpec {
     /// A single port as a TOML integer.
@@ -135,7 +138,7 @@ impl fmt::Display for PortSpec {
 }
 
 /// `[[dnat]]`: rewrite the destination of matching packets (and restore it on replies).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnatEntry {
     /// Stable rule id (1..=4294967295), unique in the file.

@@ -1,5 +1,5 @@
 //! `nat-agent run`: load, attach, fill the maps, serve metrics and the local API, sweep
-//! expired sessions, detach on SIGTERM/SIGINT.
+//! expired sessions, re-read the rules on SIGHUP, detach on SIGTERM/SIGINT.
 //!
 //! One task owns the [`Dataplane`] (`owner`); everything else (the metrics handler,
 //! the local API) talks to it through messages, so map access is never shared or locked.
@@ -13,15 +13,18 @@ use tracing::{error, info};
 
 use crate::{
     api::ApiServer,
-    compile::Compiled,
+    config::ConfigFile,
     dataplane::{Dataplane, LoadOptions},
     metrics::Metrics,
     model::Model,
-    owner::{Owner, Request},
+    owner::{Change, ChangeRequest, Owner, Request},
+    status::ApplySource,
+    Loaded,
 };
 
 /// Runs the agent until SIGTERM or SIGINT. The caller has validated and compiled the config.
-pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result<()> {
+pub async fn run(config_path: &Path, loaded: Loaded) -> Result<()> {
+    let (model, compiled) = (loaded.model.clone(), &loaded.compiled);
     let mut dataplane = Dataplane::load_with(&LoadOptions {
         max_sessions: model.conntrack.max_sessions,
     })?;
@@ -31,7 +34,7 @@ pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result
         dataplane.reset_rule_counters(*slot)?;
     }
     dataplane
-        .apply(&compiled)
+        .apply(compiled)
         .context("writing the rules into the maps")?;
     for rule in &compiled.stateful {
         info!("{rule}");
@@ -54,7 +57,8 @@ pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result
     );
 
     let (tx, rx) = mpsc::channel(16);
-    let owner = tokio::spawn(Owner::new(dataplane, &model, &compiled).run(rx));
+    let owner =
+        tokio::spawn(Owner::new(dataplane, &config_path.display().to_string(), loaded).run(rx));
 
     // From here on, a failure must still let the owner task detach: drop the sender and wait.
     let served = serve(&model, tx.clone()).await;
@@ -77,7 +81,7 @@ pub async fn run(config_path: &Path, model: Model, compiled: Compiled) -> Result
             };
             crate::notify::ready();
             let watchdog = crate::notify::start_watchdog(tx.clone());
-            let waited = wait_for_shutdown().await;
+            let waited = wait_for_shutdown(config_path, &tx).await;
             info!("shutting down");
             crate::notify::stopping();
             if let Some(watchdog) = watchdog {
@@ -110,7 +114,8 @@ async fn serve(
         Some(addr) => Some(start_metrics(addr, tx.clone()).await?),
         None => None,
     };
-    match ApiServer::start(&model.api_socket, tx).await {
+    let group = model.api_group.as_ref().map(|(_, gid)| *gid);
+    match ApiServer::start(&model.api_socket, group, tx).await {
         Ok(api) => Ok((metrics, api)),
         Err(e) => {
             if let Some(server) = metrics {
@@ -175,13 +180,55 @@ async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
     }
 }
 
-async fn wait_for_shutdown() -> Result<()> {
+/// Waits for SIGTERM or SIGINT; meanwhile every SIGHUP re-reads the rules from the file.
+async fn wait_for_shutdown(config_path: &Path, owner: &mpsc::Sender<Request>) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); return Ok(()); }
+            _ = int.recv() => { info!("SIGINT received"); return Ok(()); }
+            _ = hup.recv() => {
+                info!(config = %config_path.display(), "SIGHUP received: re-reading the rules");
+                reload(config_path, owner).await;
+            }
+        }
     }
-    Ok(())
+}
+
+/// Applies the rules of the config file as it is now, with the guarantees of any change: all
+/// or nothing, and a refusal (unreadable file, invalid rules, changed non-rule sections)
+/// keeps the rules in force. The outcome is logged and counted by the owner.
+async fn reload(config_path: &Path, owner: &mpsc::Sender<Request>) {
+    let change = match ConfigFile::read(config_path) {
+        Ok(file) => Change::File(Box::new(file)),
+        Err(e) => Change::Unreadable(e.to_string()),
+    };
+    let request = ChangeRequest {
+        change,
+        expected_generation: None,
+        dry_run: false,
+        source: ApplySource::Sighup,
+    };
+    let (reply, answer) = oneshot::channel();
+    if owner
+        .send(Request::ChangeRules { request, reply })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match answer.await {
+        Ok(Ok(report)) if report.applied => {
+            info!(generation = report.generation, "SIGHUP: rules reloaded")
+        }
+        Ok(Ok(_)) => info!("SIGHUP: the file's rules are those in force; nothing to do"),
+        Ok(Err(e)) => error!(
+            "SIGHUP: reload refused, the rules in force are unchanged: {}",
+            e.message()
+        ),
+        Err(_) => {}
+    }
 }

@@ -471,6 +471,11 @@ impl Gc {
         &self.config
     }
 
+    /// Takes the port capacity of a changed rule set (for the metrics and for pressure).
+    pub fn set_ports(&mut self, ports: PortCapacity) {
+        self.config.ports = ports;
+    }
+
     /// One bounded run at `now_ns` (CLOCK_BOOTTIME): continues the pass in progress (or starts
     /// one) until the pass ends or the visit budget is spent.
     pub fn run(&mut self, store: &mut dyn SessionStore, now_ns: u64) -> Result<RunReport> {

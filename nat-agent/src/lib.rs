@@ -15,7 +15,9 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 mod owner;
+pub mod ruleset;
 pub mod sessions;
+pub mod status;
 pub mod sysctl;
 
 use std::{collections::BTreeMap, path::Path};
@@ -25,8 +27,24 @@ use std::{collections::BTreeMap, path::Path};
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// A config file read, validated and compiled.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The file as written.
+    pub raw: config::ConfigFile,
+    /// The validated model.
+    pub model: model::Model,
+    /// The map contents.
+    pub compiled: compile::Compiled,
+}
+
 /// Reads, validates and compiles a config file without touching the kernel.
 pub fn load_config(path: &Path) -> Result<(model::Model, compile::Compiled), ConfigError> {
+    load_config_file(path).map(|l| (l.model, l.compiled))
+}
+
+/// [`load_config`], keeping the file as written too.
+pub fn load_config_file(path: &Path) -> Result<Loaded, ConfigError> {
     let file = path.display().to_string();
     let raw = config::ConfigFile::read(path).map_err(|e| ConfigError(e.to_string()))?;
     let model = model::validate(&file, &raw).map_err(|e| ConfigError(e.to_string()))?;
@@ -39,5 +57,9 @@ pub fn load_config(path: &Path) -> Result<(model::Model, compile::Compiled), Con
             .to_string(),
         )
     })?;
-    Ok((model, compiled))
+    Ok(Loaded {
+        raw,
+        model,
+        compiled,
+    })
 }

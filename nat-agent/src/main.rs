@@ -4,9 +4,14 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 use nat_agent::{
-    client::{self, ClientError, SessionsCommand},
-    daemon, import, load_config,
+    client::{
+        self,
+        rules::{rules_of_file, ChangeOptions, OneRule},
+        ClientError, RulesCommand, SessionsCommand,
+    },
+    daemon, import, load_config, load_config_file,
     model::DEFAULT_API_SOCKET,
+    ruleset::RuleKind,
     sessions::SessionFilter,
 };
 
@@ -37,6 +42,16 @@ enum Command {
         #[command(subcommand)]
         action: SessionsAction,
     },
+    /// Show or change the rules of a running agent (each change is one transaction).
+    Rules {
+        #[command(subcommand)]
+        action: RulesAction,
+    },
+    /// Show a running agent's status.
+    Status {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Translate another tool's NAT rules into a config file.
     Import {
         #[command(subcommand)]
@@ -66,6 +81,79 @@ enum ImportFrom {
 }
 
 #[derive(Subcommand)]
+enum RulesAction {
+    /// List the rules in force with their generation.
+    List {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Add the one rule ([[dnat]] or [[snat]] entry) of a TOML file ("-": stdin).
+    Add {
+        file: PathBuf,
+        /// Index among the rules of its table (0: first, highest priority); default: last.
+        #[arg(long)]
+        position: Option<usize>,
+        #[command(flatten)]
+        change: ChangeArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Replace the rule NAME with the one rule of a TOML file ("-": stdin), keeping its place.
+    Change {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        change: ChangeArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Delete a rule (its sessions keep their translation until they end or are deleted).
+    #[command(alias = "delete")]
+    Del {
+        /// dnat or snat.
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Replace every rule with the [[dnat]] and [[snat]] rules of a config file.
+    Replace {
+        file: PathBuf,
+        #[command(flatten)]
+        change: ChangeArgs,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Show what replacing the rules with those of a config file would change.
+    Diff {
+        file: PathBuf,
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+#[derive(Args)]
+struct ChangeArgs {
+    /// Only report what would change.
+    #[arg(long)]
+    dry_run: bool,
+    /// Refuse unless the rules in force are at this generation (see `rules list`).
+    #[arg(long)]
+    generation: Option<u64>,
+}
+
+impl ChangeArgs {
+    fn options(&self) -> ChangeOptions {
+        ChangeOptions {
+            dry_run: self.dry_run,
+            generation: self.generation,
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum SessionsAction {
     /// List sessions (all, or those matching every filter given).
     List {
@@ -74,6 +162,9 @@ enum SessionsAction {
         /// Show at most this many (the agent's default is 10000).
         #[arg(long)]
         limit: Option<usize>,
+        /// Skip this many matching sessions (the previous page's next offset).
+        #[arg(long)]
+        offset: Option<usize>,
         #[command(flatten)]
         common: CommonArgs,
     },
@@ -175,7 +266,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             init_tracing();
-            let (model, compiled) = match load_config(&config) {
+            let loaded = match load_config_file(&config) {
                 Ok(loaded) => loaded,
                 Err(e) => return config_error(&e.0),
             };
@@ -190,7 +281,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(daemon::run(&config, model, compiled)) {
+            match runtime.block_on(daemon::run(&config, loaded)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -200,6 +291,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Sessions { action } => sessions(action),
+        Command::Rules { action } => rules(action),
+        Command::Status { common } => {
+            let socket = common.socket.clone();
+            answer(async move { client::run_status(&socket, common.json).await })
+        }
         Command::Import {
             from:
                 ImportFrom::Iptables {
@@ -225,9 +321,17 @@ fn sessions(action: SessionsAction) -> ExitCode {
         SessionsAction::List {
             filter,
             limit,
+            offset,
             common,
         } => match filter.parse() {
-            Ok(filter) => (SessionsCommand::List { filter, limit }, common),
+            Ok(filter) => (
+                SessionsCommand::List {
+                    filter,
+                    limit,
+                    offset,
+                },
+                common,
+            ),
             Err(e) => return usage_error(&e),
         },
         SessionsAction::Delete { filter, common } => match filter.parse() {
@@ -242,6 +346,105 @@ fn sessions(action: SessionsAction) -> ExitCode {
         },
         SessionsAction::Flush { common } => (SessionsCommand::Flush, common),
     };
+    answer(async move { client::run(&common.socket, &command, common.json).await })
+}
+
+/// Reads a file named on the command line ("-": stdin).
+fn read_input(path: &std::path::Path) -> Result<(String, String), String> {
+    if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| format!("reading stdin: {e}"))?;
+        return Ok(("<stdin>".into(), text));
+    }
+    let name = path.display().to_string();
+    std::fs::read_to_string(path)
+        .map(|text| (name.clone(), text))
+        .map_err(|e| format!("{name}: cannot read: {e}"))
+}
+
+fn rules(action: RulesAction) -> ExitCode {
+    let one_rule = |file: &std::path::Path| {
+        read_input(file).and_then(|(name, text)| OneRule::parse(&name, &text))
+    };
+    let all_rules = |file: &std::path::Path| {
+        read_input(file).and_then(|(name, text)| rules_of_file(&name, &text))
+    };
+    let parsed = match action {
+        RulesAction::List { common } => Ok((RulesCommand::List, common)),
+        RulesAction::Add {
+            file,
+            position,
+            change,
+            common,
+        } => one_rule(&file).map(|rule| {
+            (
+                RulesCommand::Add {
+                    rule,
+                    position,
+                    options: change.options(),
+                },
+                common,
+            )
+        }),
+        RulesAction::Change {
+            name,
+            file,
+            change,
+            common,
+        } => one_rule(&file).map(|rule| {
+            (
+                RulesCommand::Change {
+                    name,
+                    rule,
+                    options: change.options(),
+                },
+                common,
+            )
+        }),
+        RulesAction::Del {
+            kind,
+            name,
+            change,
+            common,
+        } => match RuleKind::parse(&kind) {
+            Some(kind) => Ok((
+                RulesCommand::Delete {
+                    kind,
+                    name,
+                    options: change.options(),
+                },
+                common,
+            )),
+            None => Err(format!("{kind:?} is not a rule table (dnat or snat)")),
+        },
+        RulesAction::Replace {
+            file,
+            change,
+            common,
+        } => all_rules(&file).map(|rules| {
+            (
+                RulesCommand::Replace {
+                    rules,
+                    options: change.options(),
+                },
+                common,
+            )
+        }),
+        RulesAction::Diff { file, common } => {
+            all_rules(&file).map(|rules| (RulesCommand::Diff { rules }, common))
+        }
+    };
+    let (command, common) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return config_error(&e),
+    };
+    answer(async move { client::run_rules(&common.socket, &command, common.json).await })
+}
+
+/// Runs one client request and prints its answer. A refusal for a bad request (400) exits
+/// with the config-error status, like an invalid config file.
+fn answer(request: impl std::future::Future<Output = Result<String, ClientError>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -252,12 +455,12 @@ fn sessions(action: SessionsAction) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(client::run(&common.socket, &command, common.json)) {
+    match runtime.block_on(request) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Err(e @ ClientError::Refused { status: 400, .. }) => usage_error(&e.to_string()),
+        Err(e @ ClientError::Refused { status: 400, .. }) => config_error(&e.to_string()),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

@@ -18,24 +18,7 @@ use crate::{
 };
 use nat_common::stats::{ForwardResult, Reason};
 
-/// Which table a rule lives in (the `kind` label of `xdpnat_rules`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuleKind {
-    /// `[[dnat]]`.
-    Dnat,
-    /// `[[snat]]`.
-    Snat,
-}
-
-impl RuleKind {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuleKind::Dnat => "dnat",
-            RuleKind::Snat => "snat",
-        }
-    }
-}
+pub use crate::ruleset::RuleKind;
 
 /// A configured rule and its counter slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +61,8 @@ pub struct ScrapeView {
     pub generation: u64,
     /// Connection tracking; `None` when the loaded object has none.
     pub conntrack: Option<ConntrackView>,
+    /// Rule changes applied and refused, by source.
+    pub applies: Vec<crate::status::ApplyCount>,
 }
 
 /// The registered metric families.
@@ -90,6 +75,7 @@ pub struct Metrics {
     rules: IntGaugeVec,
     attached: IntGaugeVec,
     generation: IntGauge,
+    applies: IntCounterVec,
     sessions: IntGauge,
     sessions_capacity: IntGauge,
     ports_in_use: IntGaugeVec,
@@ -149,6 +135,14 @@ impl Metrics {
             "xdpnat_config_generation",
             "Generation number of the config in force",
         )?;
+        let applies = IntCounterVec::new(
+            Opts::new(
+                "xdpnat_config_applies_total",
+                "Rule changes by source (file at start, api, sighup) and result (applied, \
+                 refused; a refused change leaves the rules in force untouched)",
+            ),
+            &["source", "result"],
+        )?;
         let info = IntGaugeVec::new(
             Opts::new("xdpnat_build_info", "Agent build information"),
             &["version"],
@@ -206,6 +200,7 @@ impl Metrics {
             &rule_bytes,
             &refused,
             &expiries,
+            &applies,
         ] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -228,6 +223,7 @@ impl Metrics {
             rules,
             attached,
             generation,
+            applies,
             sessions,
             sessions_capacity,
             ports_in_use,
@@ -295,6 +291,12 @@ impl Metrics {
                 .set(1);
         }
         self.generation.set(view.generation as i64);
+        self.applies.reset();
+        for a in &view.applies {
+            self.applies
+                .with_label_values(&[a.source.as_str(), a.result.as_str()])
+                .inc_by(a.count);
+        }
         self.render_conntrack(view);
 
         let mut out = Vec::new();

@@ -158,6 +158,8 @@ pub struct Model {
     pub health_listen: Option<SocketAddr>,
     /// The local API's unix socket.
     pub api_socket: PathBuf,
+    /// The operator group allowed on the API socket: (name, gid).
+    pub api_group: Option<(String, u32)>,
     /// Interfaces, in config order.
     pub interfaces: Vec<Interface>,
     /// DNAT rules, in priority order.
@@ -237,6 +239,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
         &mut problems,
     );
     let api_socket = validate_api_socket(config.agent.api_socket.as_deref(), &mut problems);
+    let api_group = validate_api_group(config.agent.api_group.as_deref(), &mut problems);
 
     let interfaces = validate_interfaces(&config.interfaces, &mut problems);
 
@@ -314,6 +317,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             metrics_listen,
             health_listen,
             api_socket,
+            api_group,
             interfaces,
             dnat,
             snat,
@@ -353,6 +357,31 @@ fn validate_api_socket(value: Option<&str>, problems: &mut Vec<Problem>) -> Path
         });
     }
     PathBuf::from(s)
+}
+
+/// The operator group: it must exist on this host, since the socket is handed to its gid.
+fn validate_api_group(value: Option<&str>, problems: &mut Vec<Problem>) -> Option<(String, u32)> {
+    let name = value?;
+    let mut problem = |message: String| {
+        problems.push(Problem {
+            place: "[agent]".into(),
+            field: Some("api_group"),
+            message,
+        })
+    };
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Some((name.to_string(), group.gid.as_raw())),
+        Ok(None) => {
+            problem(format!(
+                "no group {name:?} on this host (create it, e.g. `groupadd --system {name}`)"
+            ));
+            None
+        }
+        Err(e) => {
+            problem(format!("looking up group {name:?}: {e}"));
+            None
+        }
+    }
 }
 
 fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) -> Vec<Interface> {

@@ -1,25 +1,59 @@
 //! The task that owns the dataplane: it alone touches the maps. The metrics handler and the
 //! local API send it [`Request`]s; between requests it runs the expiry sweep on its own timer,
-//! so a sweep never races a deletion from the API.
+//! so a sweep never races a deletion from the API, and rule changes are applied one at a time.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use anyhow::Result;
 use tokio::{
     sync::{mpsc, oneshot},
     time::Instant,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     api::ApiError,
-    compile::Compiled,
+    compile::{compile, slot_history_after, Compiled},
+    config::ConfigFile,
     dataplane::{Dataplane, SessionStore},
     gc::{boottime_ns, next_delay, Gc, GcConfig, PortCapacity, MAX_VISITS_PER_RUN},
     metrics::{ConntrackView, RuleInfo, RuleKind, ScrapeView},
-    model::Model,
+    model::{validate, Model, ValidationError},
+    ruleset::{self, RuleChange, RuleDocument},
     sessions::{self, check_rule, Deleted, ListQuery, RuleNames, SessionFilter, SessionList},
+    status::{
+        ApplyCounts, ApplyReport, ApplySource, InterfaceStatus, LastApply, RuleStats,
+        SessionsStatus, Stats, Status,
+    },
+    Loaded,
 };
+
+/// A change to the rules in force.
+pub(crate) enum Change {
+    /// An edit through the API.
+    Edit(RuleChange),
+    /// The config file, re-read: its rules replace those in force; its other sections must
+    /// not differ from the running config's.
+    File(Box<ConfigFile>),
+    /// The config file could not be read or parsed (the message says why): refused, and
+    /// counted like any refusal.
+    Unreadable(String),
+}
+
+/// A rule change request.
+pub(crate) struct ChangeRequest {
+    /// What to change.
+    pub change: Change,
+    /// Refuse unless the rules in force are at this generation.
+    pub expected_generation: Option<u64>,
+    /// Report only.
+    pub dry_run: bool,
+    /// Who asks.
+    pub source: ApplySource,
+}
 
 /// Requests to the task that owns the dataplane.
 pub(crate) enum Request {
@@ -35,35 +69,50 @@ pub(crate) enum Request {
         filter: SessionFilter,
         reply: oneshot::Sender<Result<Deleted, ApiError>>,
     },
+    /// The rules in force.
+    GetRules(oneshot::Sender<RuleDocument>),
+    /// Change the rules (or report what a change would do).
+    ChangeRules {
+        request: ChangeRequest,
+        reply: oneshot::Sender<Result<ApplyReport, ApiError>>,
+    },
+    /// The agent's status.
+    Status(oneshot::Sender<Result<Status, ApiError>>),
+    /// The dataplane's counters.
+    Stats(oneshot::Sender<Result<Stats, ApiError>>),
 }
 
 /// The dataplane and everything needed to serve requests about it.
 pub(crate) struct Owner {
     dataplane: Dataplane,
+    /// The config file the agent started from (names it in errors and in the status).
+    config_path: String,
+    /// The desired state in force: the file as read, with the rule changes applied since.
+    running: ConfigFile,
+    model: Model,
+    compiled: Compiled,
+    /// Rule id -> counter slot, for every rule that has had one (see `compile`).
+    slot_history: BTreeMap<u32, u32>,
     rules: Vec<RuleInfo>,
+    /// Slot -> name of the rules in force and of deleted rules whose slot is still theirs.
+    names_by_slot: BTreeMap<u32, String>,
     names: RuleNames,
     gc: Option<Gc>,
     gc_interval: Duration,
     generation: u64,
+    applies: ApplyCounts,
+    last_apply: Option<LastApply>,
+    started: Instant,
 }
 
 impl Owner {
-    /// Takes over `dataplane`, which holds `compiled` (generated from `model`).
-    pub(crate) fn new(dataplane: Dataplane, model: &Model, compiled: &Compiled) -> Self {
-        let rules: Vec<RuleInfo> = model
-            .dnat
-            .iter()
-            .map(|r| (r.id, &r.name, RuleKind::Dnat))
-            .chain(model.snat.iter().map(|r| (r.id, &r.name, RuleKind::Snat)))
-            .filter_map(|(id, name, kind)| {
-                compiled.slots.get(&id).map(|&slot| RuleInfo {
-                    name: name.clone(),
-                    slot,
-                    kind,
-                })
-            })
-            .collect();
-        let names = RuleNames::new(rules.iter().map(|r| (r.name.clone(), r.slot)));
+    /// Takes over `dataplane`, which holds `loaded.compiled`.
+    pub(crate) fn new(dataplane: Dataplane, config_path: &str, loaded: Loaded) -> Self {
+        let Loaded {
+            raw,
+            model,
+            compiled,
+        } = loaded;
         let gc = dataplane.has_conntrack().then(|| {
             Gc::new(GcConfig {
                 timeouts: model.conntrack.timeouts,
@@ -72,13 +121,33 @@ impl Owner {
                 ports: PortCapacity::from_rules(&model.snat),
             })
         });
+        let slot_history = slot_history_after(&BTreeMap::new(), &compiled.slots);
+        let rules = rule_infos(&model, &compiled);
+        let names_by_slot = names_after(&BTreeMap::new(), &rules);
+        let names = rule_names(&names_by_slot);
+        let mut applies = ApplyCounts::default();
+        applies.record(ApplySource::File, true);
         Owner {
             dataplane,
+            config_path: config_path.to_string(),
+            gc_interval: model.conntrack.gc_interval,
+            running: raw,
+            model,
+            compiled,
+            slot_history,
             rules,
+            names_by_slot,
             names,
             gc,
-            gc_interval: model.conntrack.gc_interval,
             generation: 1,
+            applies,
+            last_apply: Some(LastApply {
+                source: ApplySource::File,
+                applied: true,
+                error: None,
+                unix_time: unix_now(),
+            }),
+            started: Instant::now(),
         }
     }
 
@@ -113,7 +182,223 @@ impl Owner {
                 let result = blocking(|| self.delete(&filter));
                 let _ = reply.send(result);
             }
+            Request::GetRules(reply) => {
+                let _ = reply.send(RuleDocument::of(&self.running, self.generation));
+            }
+            Request::ChangeRules { request, reply } => {
+                let result = blocking(|| self.change(request));
+                let _ = reply.send(result);
+            }
+            Request::Status(reply) => {
+                let _ = reply.send(Ok(self.status()));
+            }
+            Request::Stats(reply) => {
+                let _ = reply.send(self.stats().map_err(ApiError::internal));
+            }
         }
+    }
+
+    /// Validates, compiles and applies a rule change, all or nothing: on any refusal the rules
+    /// in force stay exactly as they were (the dataplane writes into the rule bank not in use
+    /// and switches only when everything is written).
+    fn change(&mut self, request: ChangeRequest) -> Result<ApplyReport, ApiError> {
+        let ChangeRequest {
+            change,
+            expected_generation,
+            dry_run,
+            source,
+        } = request;
+        let outcome = self.try_change(change, expected_generation, dry_run);
+        if !dry_run {
+            match &outcome {
+                Ok(report) if !report.applied => {}
+                Ok(report) => {
+                    info!(
+                        source = source.as_str(),
+                        generation = report.generation,
+                        added = ?report.changes.added,
+                        removed = ?report.changes.removed,
+                        changed = ?report.changes.changed,
+                        moved = ?report.changes.moved,
+                        "rules changed"
+                    );
+                    self.record_apply(source, None);
+                }
+                Err(e) => {
+                    warn!(
+                        source = source.as_str(),
+                        "rule change refused: {}",
+                        e.message()
+                    );
+                    self.record_apply(source, Some(e.message().to_string()));
+                }
+            }
+        }
+        outcome
+    }
+
+    fn record_apply(&mut self, source: ApplySource, error: Option<String>) {
+        self.applies.record(source, error.is_none());
+        self.last_apply = Some(LastApply {
+            source,
+            applied: error.is_none(),
+            error,
+            unix_time: unix_now(),
+        });
+    }
+
+    fn try_change(
+        &mut self,
+        change: Change,
+        expected_generation: Option<u64>,
+        dry_run: bool,
+    ) -> Result<ApplyReport, ApiError> {
+        if let Some(expected) = expected_generation {
+            if expected != self.generation {
+                return Err(ApiError::Conflict(format!(
+                    "stale generation {expected}: the rules in force are at generation {}; \
+                     read them again and redo the change",
+                    self.generation
+                )));
+            }
+        }
+        let (next, label) = match change {
+            Change::Edit(edit) => (
+                ruleset::edit(&self.running, edit).map_err(ApiError::from)?,
+                "the changed rules".to_string(),
+            ),
+            Change::File(file) => {
+                let differ = ruleset::restart_only_differences(&self.running, &file);
+                if !differ.is_empty() {
+                    return Err(ApiError::BadRequest(format!(
+                        "{}: {} differ from the running agent's; only [[dnat]] and [[snat]] \
+                         apply without a restart (restart the agent to apply the rest)",
+                        self.config_path,
+                        differ.join(", ")
+                    )));
+                }
+                (*file, self.config_path.clone())
+            }
+            Change::Unreadable(message) => return Err(ApiError::BadRequest(message)),
+        };
+        let model = validate(&label, &next).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let compiled = compile(&model, &self.slot_history).map_err(|problems| {
+            ApiError::BadRequest(
+                ValidationError {
+                    file: label.clone(),
+                    problems,
+                }
+                .to_string(),
+            )
+        })?;
+        let changes = ruleset::diff(&self.running, &next);
+        if dry_run || changes.is_empty() {
+            return Ok(ApplyReport {
+                dry_run,
+                applied: false,
+                generation: self.generation,
+                changes,
+            });
+        }
+        // Slots no rule has counted into before start from zero; slots coming back to their
+        // rule keep counting from where they were (Prometheus counters never go down).
+        for (id, slot) in &compiled.slots {
+            let reused_by_another = self
+                .slot_history
+                .iter()
+                .any(|(old_id, old_slot)| old_slot == slot && old_id != id);
+            if !self.slot_history.contains_key(id) || reused_by_another {
+                self.dataplane
+                    .reset_rule_counters(*slot)
+                    .map_err(ApiError::internal)?;
+            }
+        }
+        if model.snat.iter().any(|r| r.action.translates()) {
+            for iface in &model.interfaces {
+                if let Err(e) = crate::sysctl::enable_accept_local(&iface.name) {
+                    warn!(interface = %iface.name, "{e:#}");
+                }
+            }
+        }
+        self.dataplane
+            .apply(&compiled)
+            .map_err(|e| ApiError::Internal(format!("{e:#} (the rules in force are unchanged)")))?;
+
+        self.slot_history = slot_history_after(&self.slot_history, &compiled.slots);
+        self.rules = rule_infos(&model, &compiled);
+        self.names_by_slot = names_after(&self.names_by_slot, &self.rules);
+        self.names = rule_names(&self.names_by_slot);
+        if let Some(gc) = self.gc.as_mut() {
+            gc.set_ports(PortCapacity::from_rules(&model.snat));
+        }
+        for rule in &compiled.stateful {
+            info!("{rule}");
+        }
+        self.running = next;
+        self.model = model;
+        self.compiled = compiled;
+        self.generation += 1;
+        Ok(ApplyReport {
+            dry_run: false,
+            applied: true,
+            generation: self.generation,
+            changes,
+        })
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.config_path.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            generation: self.generation,
+            dnat_rules: self.model.dnat.len(),
+            snat_rules: self.model.snat.len(),
+            interfaces: self
+                .dataplane
+                .attachments()
+                .map(|(name, mode)| InterfaceStatus {
+                    name: name.to_string(),
+                    xdp_mode: mode.as_str().to_string(),
+                })
+                .collect(),
+            sessions: self.gc.as_ref().map(|gc| SessionsStatus {
+                in_use: gc.status().sessions_in_use,
+                capacity: u64::from(self.dataplane.max_sessions()),
+            }),
+            applies: self.applies.all(),
+            last_apply: self.last_apply.clone(),
+        }
+    }
+
+    fn stats(&self) -> Result<Stats> {
+        let snapshot = self.dataplane.snapshot(self.rules.iter().map(|r| r.slot))?;
+        let count = |v: &Vec<u64>, i: usize| v.get(i).copied().unwrap_or(0);
+        Ok(Stats {
+            reasons: nat_common::stats::Reason::ALL
+                .iter()
+                .map(|r| (r.name().to_string(), count(&snapshot.reasons, *r as usize)))
+                .collect(),
+            forward: nat_common::stats::ForwardResult::ALL
+                .iter()
+                .map(|r| (r.name().to_string(), count(&snapshot.forward, *r as usize)))
+                .collect(),
+            rules: self
+                .rules
+                .iter()
+                .map(|r| {
+                    let c = snapshot.rules.get(&r.slot).copied().unwrap_or_default();
+                    RuleStats {
+                        name: r.name.clone(),
+                        kind: r.kind,
+                        original_packets: c.orig_packets,
+                        original_bytes: c.orig_bytes,
+                        reply_packets: c.reply_packets,
+                        reply_bytes: c.reply_bytes,
+                    }
+                })
+                .collect(),
+        })
     }
 
     /// One sweep run; returns the delay until the next.
@@ -166,6 +451,7 @@ impl Owner {
                 .collect(),
             generation: self.generation,
             conntrack,
+            applies: self.applies.all(),
         })
     }
 
@@ -184,6 +470,46 @@ impl Owner {
             .map(|s| s as &mut dyn SessionStore);
         answer_delete(store, &self.names, filter)
     }
+}
+
+/// The rules in force with their counter slots, DNAT then SNAT, in priority order.
+fn rule_infos(model: &Model, compiled: &Compiled) -> Vec<RuleInfo> {
+    model
+        .dnat
+        .iter()
+        .map(|r| (r.id, &r.name, RuleKind::Dnat))
+        .chain(model.snat.iter().map(|r| (r.id, &r.name, RuleKind::Snat)))
+        .filter_map(|(id, name, kind)| {
+            compiled.slots.get(&id).map(|&slot| RuleInfo {
+                name: name.clone(),
+                slot,
+                kind,
+            })
+        })
+        .collect()
+}
+
+/// Slot -> rule name for session listings: the rules in force, and deleted rules whose slot no
+/// other rule took, so the sessions they made can still be listed and deleted by rule name.
+fn names_after(previous: &BTreeMap<u32, String>, rules: &[RuleInfo]) -> BTreeMap<u32, String> {
+    let mut names: BTreeMap<u32, String> = previous
+        .iter()
+        .filter(|(_, name)| !rules.iter().any(|r| &r.name == *name))
+        .map(|(slot, name)| (*slot, name.clone()))
+        .collect();
+    names.extend(rules.iter().map(|r| (r.slot, r.name.clone())));
+    names
+}
+
+fn rule_names(names: &BTreeMap<u32, String>) -> RuleNames {
+    RuleNames::new(names.iter().map(|(slot, name)| (name.clone(), *slot)))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The answer to a listing from `store` (`None`: no connection tracking).

@@ -38,13 +38,20 @@ pub struct SessionFilter {
     pub rule: Option<String>,
 }
 
-/// A listing request: a filter and a limit.
+/// A listing request: a filter and a page (`offset` matching sessions skipped, then at most
+/// `limit`).
+///
+/// Pages follow the session table's own order, which is stable while the table does not
+/// change: sessions created or deleted between two pages can shift the next page by that
+/// many entries (the same holds for `conntrack -L` reading a busy table).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
     /// Which sessions.
     pub filter: SessionFilter,
     /// How many at most.
     pub limit: usize,
+    /// How many matching sessions to skip.
+    pub offset: usize,
 }
 
 impl SessionFilter {
@@ -62,6 +69,7 @@ impl SessionFilter {
         let mut q = ListQuery {
             filter: SessionFilter::default(),
             limit: DEFAULT_LIST_LIMIT,
+            offset: 0,
         };
         let mut seen: Vec<&str> = Vec::new();
         for (name, value) in pairs {
@@ -97,9 +105,14 @@ impl SessionFilter {
                         _ => return Err(format!("limit {value:?} is not in 1..={MAX_LIST_LIMIT}")),
                     }
                 }
+                "offset" if allow_limit => {
+                    q.offset = value
+                        .parse::<usize>()
+                        .map_err(|_| format!("offset {value:?} is not a number of sessions"))?;
+                }
                 other => {
                     let known = if allow_limit {
-                        "protocol, address, port, rule, limit"
+                        "protocol, address, port, rule, limit, offset"
                     } else {
                         "protocol, address, port, rule"
                     };
@@ -110,8 +123,9 @@ impl SessionFilter {
         Ok(q)
     }
 
-    /// The query string for these criteria (and `limit`, when given), for the client.
-    pub fn to_query(&self, limit: Option<usize>) -> String {
+    /// The query string for these criteria (and `limit` and `offset`, when given), for the
+    /// client.
+    pub fn to_query(&self, limit: Option<usize>, offset: Option<usize>) -> String {
         let mut parts = Vec::new();
         if let Some(p) = self.protocol {
             parts.push(format!("protocol={}", protocol_name(p)));
@@ -127,6 +141,9 @@ impl SessionFilter {
         }
         if let Some(l) = limit {
             parts.push(format!("limit={l}"));
+        }
+        if let Some(o) = offset {
+            parts.push(format!("offset={o}"));
         }
         parts.join("&")
     }
@@ -222,13 +239,15 @@ impl RuleNames {
 }
 
 /// One direction's packet tuple.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Tuple {
     /// Source address.
+    #[schema(value_type = String, format = "ipv4")]
     pub src: Ipv4Addr,
     /// Source port (ICMP: the echo id of a request, else 0).
     pub sport: u16,
     /// Destination address.
+    #[schema(value_type = String, format = "ipv4")]
     pub dst: Ipv4Addr,
     /// Destination port (ICMP: the echo id of a reply, else 0).
     pub dport: u16,
@@ -246,7 +265,7 @@ impl From<&FlowKey> for Tuple {
 }
 
 /// A session as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionView {
     /// `tcp`, `udp`, `icmp` or `other`.
     pub protocol: String,
@@ -297,18 +316,24 @@ impl SessionView {
 }
 
 /// The answer to a listing.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SessionList {
     /// Matching sessions, at most the limit.
     pub sessions: Vec<SessionView>,
     /// How many sessions matched in all.
     pub matched: u64,
-    /// Whether `sessions` stops short of `matched`.
+    /// Whether more matching sessions follow this page.
     pub truncated: bool,
+    /// Matching sessions skipped before this page.
+    #[serde(default)]
+    pub offset: u64,
+    /// The `offset` of the next page, when there is one.
+    #[serde(default)]
+    pub next_offset: Option<u64>,
 }
 
 /// The answer to a deletion or flush.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Deleted {
     /// Sessions deleted.
     pub deleted: u64,
@@ -358,12 +383,15 @@ pub fn list(
     for_each_session(store, |k, s| {
         if query.filter.matches(k, s, rules) {
             out.matched += 1;
-            if out.sessions.len() < query.limit {
+            if out.matched > query.offset as u64 && out.sessions.len() < query.limit {
                 out.sessions.push(SessionView::new(k, s, rules, now_ns));
             }
         }
     })?;
-    out.truncated = out.matched > out.sessions.len() as u64;
+    out.offset = query.offset as u64;
+    let shown_to = out.offset + out.sessions.len() as u64;
+    out.truncated = out.matched > shown_to;
+    out.next_offset = out.truncated.then_some(shown_to);
     Ok(out)
 }
 
@@ -601,7 +629,7 @@ mod tests {
             }
         );
         assert_eq!(
-            q.filter.to_query(Some(5)),
+            q.filter.to_query(Some(5), None),
             "protocol=udp&address=198.18.0.2&port=123&rule=private-out&limit=5"
         );
         let q = SessionFilter::from_pairs(&[], true).unwrap();
@@ -700,6 +728,7 @@ mod tests {
         let q = ListQuery {
             filter: SessionFilter::default(),
             limit: 2,
+            offset: 0,
         };
         let l = list(&mut store, &q, &n, 170_000_000_000).unwrap();
         assert_eq!((l.sessions.len(), l.matched, l.truncated), (2, 6, true));
@@ -757,6 +786,7 @@ mod tests {
             ],
             matched: 2,
             truncated: false,
+            ..Default::default()
         };
         let text = render_table(&list);
         let lines: Vec<&str> = text.lines().collect();
@@ -779,6 +809,7 @@ mod tests {
             sessions: vec![SessionView::new(&k, &s, &n, now)],
             matched: 7,
             truncated: true,
+            ..Default::default()
         };
         assert!(render_table(&truncated)
             .ends_with("1 of 7 matching sessions shown (raise --limit for more)\n"));

@@ -62,7 +62,10 @@ fn dnat_changes_switch_banks_and_leave_no_stale_entries() {
     fx.check(
         "web, first rule set",
         &web.build(),
-        &Expect::forward("web", Packet::tcp(CLIENT, 40000, "198.18.1.10", 8080).build()),
+        &Expect::forward(
+            "web",
+            Packet::tcp(CLIENT, 40000, "198.18.1.10", 8080).build(),
+        ),
     );
     fx.check(
         "dns, first rule set",
@@ -73,11 +76,18 @@ fn dnat_changes_switch_banks_and_leave_no_stale_entries() {
     // web moves to another backend: bank 1 now, and dns keeps its counter slot.
     fx.reload(&dnat_config(Some("198.18.1.99")));
     assert_eq!(fx.dataplane().active_bank(), 1);
-    assert_eq!(fx.slot("dns"), dns_slot, "an unchanged rule keeps its counters");
+    assert_eq!(
+        fx.slot("dns"),
+        dns_slot,
+        "an unchanged rule keeps its counters"
+    );
     fx.check(
         "web, moved",
         &web.build(),
-        &Expect::forward("web", Packet::tcp(CLIENT, 40000, "198.18.1.99", 8080).build()),
+        &Expect::forward(
+            "web",
+            Packet::tcp(CLIENT, 40000, "198.18.1.99", 8080).build(),
+        ),
     );
     fx.check(
         "dns, unchanged",
@@ -110,7 +120,10 @@ fn dnat_changes_switch_banks_and_leave_no_stale_entries() {
     fx.check(
         "web, restored",
         &web.build(),
-        &Expect::forward("web", Packet::tcp(CLIENT, 40000, "198.18.1.10", 8080).build()),
+        &Expect::forward(
+            "web",
+            Packet::tcp(CLIENT, 40000, "198.18.1.10", 8080).build(),
+        ),
     );
 }
 

@@ -1,9 +1,14 @@
-//! The CLI side of the local API (`nat-agent sessions ...`): one HTTP/1.1 request over the
-//! agent's unix socket, and the answer rendered for a person or as JSON.
+//! The CLI side of the local API (`nat-agent sessions|rules|status ...`): one HTTP/1.1
+//! request over the agent's unix socket, and the answer rendered for a person (a table) or as
+//! JSON.
+
+pub mod rules;
+
+pub use rules::{run_rules, run_status, RulesCommand};
 
 use std::{path::Path, time::Duration};
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{body::Bytes, Method, Request};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -26,6 +31,8 @@ pub enum SessionsCommand {
         filter: SessionFilter,
         /// At most this many (the agent's default when `None`).
         limit: Option<usize>,
+        /// Skip this many matching sessions first.
+        offset: Option<usize>,
     },
     /// Delete the matching sessions (the filter must not be empty).
     Delete {
@@ -69,9 +76,20 @@ pub async fn request(
     method: Method,
     path_and_query: &str,
 ) -> Result<Bytes, ClientError> {
+    request_with_body(socket, method, path_and_query, None).await
+}
+
+/// Sends one request, with `json` as its body when given, and returns the response body of a
+/// 2xx answer.
+pub async fn request_with_body(
+    socket: &Path,
+    method: Method,
+    path_and_query: &str,
+    json: Option<Vec<u8>>,
+) -> Result<Bytes, ClientError> {
     tokio::time::timeout(
         REQUEST_TIMEOUT,
-        request_inner(socket, method, path_and_query),
+        request_inner(socket, method, path_and_query, json),
     )
     .await
     .map_err(|_| {
@@ -86,6 +104,7 @@ async fn request_inner(
     socket: &Path,
     method: Method,
     path_and_query: &str,
+    json: Option<Vec<u8>>,
 ) -> Result<Bytes, ClientError> {
     let other = |what: &str, e: &dyn std::fmt::Display| ClientError::Other(format!("{what}: {e}"));
     let stream = UnixStream::connect(socket)
@@ -99,11 +118,15 @@ async fn request_inner(
         .map_err(|e| other("HTTP handshake with the agent", &e))?;
     // The connection future drives the socket; it ends when the request is done.
     let driver = tokio::spawn(connection);
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path_and_query)
-        .header(hyper::header::HOST, "localhost")
-        .body(Empty::<Bytes>::new())
+        .header(hyper::header::HOST, "localhost");
+    if json.is_some() {
+        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(json.unwrap_or_default())))
         .map_err(|e| other("building the request", &e))?;
     let response = sender
         .send_request(req)
@@ -129,13 +152,13 @@ async fn request_inner(
     })
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ClientError> {
     serde_json::from_slice(body).map_err(|e| {
         ClientError::Other(format!("the agent's answer is not what was expected: {e}"))
     })
 }
 
-fn pretty<T: serde::Serialize>(value: &T) -> Result<String, ClientError> {
+pub(crate) fn pretty<T: serde::Serialize>(value: &T) -> Result<String, ClientError> {
     serde_json::to_string_pretty(value)
         .map(|s| s + "\n")
         .map_err(|e| ClientError::Other(format!("encoding JSON: {e}")))
@@ -151,9 +174,13 @@ pub fn route(command: &SessionsCommand) -> Result<(Method, String), ClientError>
         }
     };
     Ok(match command {
-        SessionsCommand::List { filter, limit } => (
+        SessionsCommand::List {
+            filter,
+            limit,
+            offset,
+        } => (
             Method::GET,
-            with_query("/v1/sessions", filter.to_query(*limit)),
+            with_query("/v1/sessions", filter.to_query(*limit, *offset)),
         ),
         SessionsCommand::Delete { filter } if filter.is_empty() => {
             return Err(ClientError::Other(
@@ -164,7 +191,7 @@ pub fn route(command: &SessionsCommand) -> Result<(Method, String), ClientError>
         }
         SessionsCommand::Delete { filter } => (
             Method::DELETE,
-            with_query("/v1/sessions", filter.to_query(None)),
+            with_query("/v1/sessions", filter.to_query(None, None)),
         ),
         SessionsCommand::Flush => (Method::POST, "/v1/sessions/flush".into()),
     })
@@ -216,15 +243,20 @@ mod tests {
         assert_eq!(
             route(&SessionsCommand::List {
                 filter: filter.clone(),
-                limit: Some(10)
+                limit: Some(10),
+                offset: Some(20),
             })
             .unwrap(),
-            (Method::GET, "/v1/sessions?port=123&limit=10".into())
+            (
+                Method::GET,
+                "/v1/sessions?port=123&limit=10&offset=20".into()
+            )
         );
         assert_eq!(
             route(&SessionsCommand::List {
                 filter: SessionFilter::default(),
-                limit: None
+                limit: None,
+                offset: None,
             })
             .unwrap(),
             (Method::GET, "/v1/sessions".into())
