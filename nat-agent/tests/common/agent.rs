@@ -127,6 +127,11 @@ impl Agent {
         })
     }
 
+    /// Its process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     /// Its API socket (what [`API_SOCKET_PLACEHOLDER`] became).
     pub fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")
