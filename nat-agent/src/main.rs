@@ -47,6 +47,8 @@ enum Command {
         #[command(subcommand)]
         action: RulesAction,
     },
+    /// Print the local API's OpenAPI document (JSON).
+    Openapi,
     /// Show a running agent's status.
     Status {
         #[command(flatten)]
@@ -292,6 +294,16 @@ fn main() -> ExitCode {
         }
         Command::Sessions { action } => sessions(action),
         Command::Rules { action } => rules(action),
+        Command::Openapi => match nat_agent::api::openapi_document().to_pretty_json() {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: encoding the OpenAPI document: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Status { common } => {
             let socket = common.socket.clone();
             answer(async move { client::run_status(&socket, common.json).await })

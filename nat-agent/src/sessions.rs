@@ -732,6 +732,29 @@ mod tests {
         };
         let l = list(&mut store, &q, &n, 170_000_000_000).unwrap();
         assert_eq!((l.sessions.len(), l.matched, l.truncated), (2, 6, true));
+        // Paging by next_offset visits every session exactly once.
+        let mut seen = l.sessions.clone();
+        let mut next = l.next_offset;
+        while let Some(offset) = next {
+            let page = list(
+                &mut store,
+                &ListQuery {
+                    offset: offset as usize,
+                    ..q.clone()
+                },
+                &n,
+                170_000_000_000,
+            )
+            .unwrap();
+            assert_eq!(page.offset, offset);
+            seen.extend(page.sessions);
+            next = page.next_offset;
+        }
+        assert_eq!(seen.len(), 6);
+        let mut ports: Vec<u16> = seen.iter().map(|v| v.original.sport).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 6, "no session listed twice");
         let by_port = SessionFilter {
             port: Some(1123),
             ..Default::default()

@@ -741,3 +741,22 @@ fn run_with_a_bad_config_attaches_nothing() {
         ns.link()
     );
 }
+
+/// The published API description (`docs/openapi.json`) is what the code generates: a changed
+/// route or type without a regenerated document fails here.
+#[test]
+fn published_openapi_document_is_current() {
+    let out = Command::new(BIN).arg("openapi").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+    let published: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(
+        generated == published,
+        "docs/openapi.json is stale: regenerate it with `target/debug/nat-agent openapi > docs/openapi.json`"
+    );
+    for path in ["/v1/rules", "/v1/rules/{kind}/{name}", "/v1/sessions", "/v1/status"] {
+        assert!(generated["paths"].get(path).is_some(), "{path} undocumented");
+    }
+}
