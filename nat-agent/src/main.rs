@@ -36,6 +36,9 @@ enum Command {
         /// The TOML config file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Print the result as JSON (on stdout, also for a refused config).
+        #[arg(long)]
+        json: bool,
     },
     /// List, delete or flush sessions of a running agent (like `conntrack -L/-D/-F`).
     Sessions {
@@ -171,6 +174,7 @@ enum SessionsAction {
         common: CommonArgs,
     },
     /// Delete the sessions matching every filter given (at least one).
+    #[command(alias = "del")]
     Delete {
         #[command(flatten)]
         filter: FilterArgs,
@@ -234,38 +238,7 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load_config(&config) {
-            Ok((model, compiled)) => {
-                println!(
-                    "{}: OK ({} dnat rules, {} snat rules, {} interfaces)",
-                    config.display(),
-                    model.dnat.len(),
-                    model.snat.len(),
-                    model.interfaces.len()
-                );
-                for rule in &compiled.stateful {
-                    println!("{}: {rule}", config.display());
-                }
-                // The effective values, defaults included, so an operator (and the tests) can
-                // see what the RFC floors and the file add up to.
-                let ct = &model.conntrack;
-                let t = &ct.timeouts;
-                println!(
-                    "{}: conntrack max_sessions={} udp_timeout={}s tcp_established_timeout={}s \
-                     tcp_transitory_timeout={}s tcp_closed_timeout={}s icmp_timeout={}s gc_interval={}s",
-                    config.display(),
-                    ct.max_sessions,
-                    t.udp.as_secs(),
-                    t.tcp_established.as_secs(),
-                    t.tcp_transitory.as_secs(),
-                    t.tcp_closed.as_secs(),
-                    t.icmp.as_secs(),
-                    ct.gc_interval.as_secs_f64()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => config_error(&e.0),
-        },
+        Command::Check { config, json } => check(&config, json),
         Command::Run { config } => {
             init_tracing();
             let loaded = match load_config_file(&config) {
@@ -359,6 +332,71 @@ fn sessions(action: SessionsAction) -> ExitCode {
         SessionsAction::Flush { common } => (SessionsCommand::Flush, common),
     };
     answer(async move { client::run(&common.socket, &command, common.json).await })
+}
+
+/// `check`: validate and compile, touch nothing; the effective values, defaults included, so
+/// an operator (and the tests) can see what the RFC floors and the file add up to.
+fn check(config: &std::path::Path, json: bool) -> ExitCode {
+    let (model, compiled) = match load_config(config) {
+        Ok(loaded) => loaded,
+        Err(e) if json => {
+            let problems: Vec<&str> = e.0.lines().collect();
+            let answer = serde_json::json!({
+                "file": config.display().to_string(),
+                "ok": false,
+                "problems": problems,
+            });
+            println!("{answer:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => return config_error(&e.0),
+    };
+    let ct = &model.conntrack;
+    let t = &ct.timeouts;
+    if json {
+        let answer = serde_json::json!({
+            "file": config.display().to_string(),
+            "ok": true,
+            "dnat_rules": model.dnat.len(),
+            "snat_rules": model.snat.len(),
+            "interfaces": model.interfaces.len(),
+            "stateful": compiled.stateful.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            "conntrack": {
+                "max_sessions": ct.max_sessions,
+                "udp_timeout": t.udp.as_secs(),
+                "tcp_established_timeout": t.tcp_established.as_secs(),
+                "tcp_transitory_timeout": t.tcp_transitory.as_secs(),
+                "tcp_closed_timeout": t.tcp_closed.as_secs(),
+                "icmp_timeout": t.icmp.as_secs(),
+                "gc_interval": ct.gc_interval.as_secs_f64(),
+            },
+        });
+        println!("{answer:#}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{}: OK ({} dnat rules, {} snat rules, {} interfaces)",
+        config.display(),
+        model.dnat.len(),
+        model.snat.len(),
+        model.interfaces.len()
+    );
+    for rule in &compiled.stateful {
+        println!("{}: {rule}", config.display());
+    }
+    println!(
+        "{}: conntrack max_sessions={} udp_timeout={}s tcp_established_timeout={}s \
+         tcp_transitory_timeout={}s tcp_closed_timeout={}s icmp_timeout={}s gc_interval={}s",
+        config.display(),
+        ct.max_sessions,
+        t.udp.as_secs(),
+        t.tcp_established.as_secs(),
+        t.tcp_transitory.as_secs(),
+        t.tcp_closed.as_secs(),
+        t.icmp.as_secs(),
+        ct.gc_interval.as_secs_f64()
+    );
+    ExitCode::SUCCESS
 }
 
 /// Reads a file named on the command line ("-": stdin).

@@ -747,7 +747,11 @@ fn run_with_a_bad_config_attaches_nothing() {
 #[test]
 fn published_openapi_document_is_current() {
     let out = Command::new(BIN).arg("openapi").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let generated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
     let published: serde_json::Value =
@@ -756,7 +760,62 @@ fn published_openapi_document_is_current() {
         generated == published,
         "docs/openapi.json is stale: regenerate it with `target/debug/nat-agent openapi > docs/openapi.json`"
     );
-    for path in ["/v1/rules", "/v1/rules/{kind}/{name}", "/v1/sessions", "/v1/status"] {
-        assert!(generated["paths"].get(path).is_some(), "{path} undocumented");
+    for path in [
+        "/v1/rules",
+        "/v1/rules/{kind}/{name}",
+        "/v1/sessions",
+        "/v1/status",
+    ] {
+        assert!(
+            generated["paths"].get(path).is_some(),
+            "{path} undocumented"
+        );
     }
+}
+
+/// `check --json`: the summary as JSON, and a refused config as JSON with its problems and
+/// the same exit code.
+#[test]
+fn check_json_reports_success_and_problems() {
+    let dir = std::env::temp_dir().join(format!("nat-agent-check-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, GOOD).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--json", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["dnat_rules"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["conntrack"]["udp_timeout"], 300);
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        GOOD.replacen("to_address = \"", "to_address = \"x", 1),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--json", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let problems = v["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("to_address")),
+        "{v}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
