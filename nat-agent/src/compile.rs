@@ -287,6 +287,7 @@ mod tests {
             health_listen: None,
             api_socket: "/run/t.sock".into(),
             api_group: None,
+            state_dir: None,
             interfaces: Vec::new(),
             dnat,
             snat,

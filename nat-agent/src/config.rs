@@ -39,6 +39,9 @@ pub struct AgentSection {
     /// Group (name) that may use the local API besides root: the socket is given to it with
     /// mode 0660. Only root when absent.
     pub api_group: Option<String>,
+    /// Directory on a bpf filesystem where maps and links are pinned so that translation and
+    /// sessions outlive the agent (restarts, upgrades); nothing is pinned when absent.
+    pub state_dir: Option<String>,
     /// `address:port` for load-balancer health probes (`/healthz`, `/readyz`); none when absent.
     pub health_listen: Option<String>,
 }

@@ -13,6 +13,7 @@ use tracing::{error, info};
 
 use crate::{
     api::ApiServer,
+    compile::compile,
     config::ConfigFile,
     dataplane::{Dataplane, LoadOptions},
     metrics::Metrics,
@@ -23,15 +24,32 @@ use crate::{
 };
 
 /// Runs the agent until SIGTERM or SIGINT. The caller has validated and compiled the config.
-pub async fn run(config_path: &Path, loaded: Loaded) -> Result<()> {
-    let (model, compiled) = (loaded.model.clone(), &loaded.compiled);
+pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
     let mut dataplane = Dataplane::load_with(&LoadOptions {
-        max_sessions: model.conntrack.max_sessions,
+        max_sessions: loaded.model.conntrack.max_sessions,
+        state_dir: loaded.model.state_dir.clone(),
     })?;
     dataplane.start_log_forwarding();
+    // With pinned state, rules keep the counter slots of the last run, so their counters
+    // continue; only slots new to a rule start from zero.
+    let history = dataplane.slot_history()?;
+    if !history.is_empty() {
+        loaded.compiled = compile(&loaded.model, &history).map_err(|problems| {
+            anyhow::anyhow!(
+                "{}",
+                crate::model::ValidationError {
+                    file: config_path.display().to_string(),
+                    problems,
+                }
+            )
+        })?;
+    }
+    let (model, compiled) = (loaded.model.clone(), &loaded.compiled);
     // Rules first, then attach: the first packet the program sees already has its rules.
-    for slot in compiled.slots.values() {
-        dataplane.reset_rule_counters(*slot)?;
+    for (id, slot) in &compiled.slots {
+        if history.get(id) != Some(slot) {
+            dataplane.reset_rule_counters(*slot)?;
+        }
     }
     dataplane
         .apply(compiled)
@@ -99,8 +117,12 @@ pub async fn run(config_path: &Path, loaded: Loaded) -> Result<()> {
         Err(e) => Err(e),
     };
     drop(tx);
-    // The owner task drops the Dataplane, which detaches from every interface.
+    // The owner task drops the Dataplane, which detaches from every interface it owns; pinned
+    // links stay and keep translating.
     owner.await.context("dataplane task")?;
+    if let Some(dir) = &model.state_dir {
+        info!(state_dir = %dir.display(), "translation continues with the pinned program; `nat-agent state detach` detaches it");
+    }
     info!("stopped");
     result
 }

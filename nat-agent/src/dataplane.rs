@@ -4,7 +4,9 @@
 //! [`SessionStore`], so the reconcilers and the expiry sweep are plain logic that the tests
 //! drive with in-memory tables.
 
+mod attach;
 mod bank;
+pub mod pinned;
 mod sessions;
 mod snat;
 mod sys;
@@ -14,17 +16,17 @@ pub use bank::BANK_GRACE;
 pub use sessions::{BpfTable, KernelSessions, KvTable, MemStore, SessionStore, Walk};
 pub use snat::{reconcile_snat, SnatTables};
 
-use std::{collections::BTreeMap, ffi::CString, time::Instant};
+use std::{collections::BTreeMap, ffi::CString, path::PathBuf, time::Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, HashMap as AyaHashMap, LpmTrie, MapData, PerCpuArray, ProgramArray},
-    programs::{xdp::XdpLinkId, Xdp, XdpMode as AyaXdpMode},
+    maps::{Array, LpmTrie, MapData, PerCpuArray, ProgramArray},
+    programs::Xdp,
     Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
 use nat_common::{
-    maps::{BankedPrefix, FORWARD_COUNTERS, FORWARD_XDP, IFACE_FORWARD, RULE_BANK, RULE_BANKS},
+    maps::{BankedPrefix, FORWARD_COUNTERS, MAX_POOLS, MAX_RULES, RULE_BANK, RULE_BANKS},
     maps::{
         BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, MAPPINGS, NEW_FLOW_SLOT,
         PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS, SNAT_POOLS,
@@ -35,10 +37,7 @@ use nat_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{
-    compile::{Compiled, CompiledDnat, CompiledSnat},
-    model::{Forwarding, Interface, XdpMode},
-};
+use crate::compile::{Compiled, CompiledDnat, CompiledSnat};
 
 /// The XDP object built by `build.rs` from `nat-ebpf`.
 pub static EBPF_OBJECT: &[u8] =
@@ -94,17 +93,21 @@ pub struct StatsSnapshot {
 }
 
 /// How to load the object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Capacity of `SESSIONS`, `REPLIES`, `MAPPINGS` and `BINDINGS` (all four hold one entry
     /// per session at most, so they are sized alike).
     pub max_sessions: u32,
+    /// A directory on a bpf filesystem to pin the maps and links in, so translation and
+    /// sessions outlive the agent (see [`pinned`]); `None`: nothing survives the agent.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             max_sessions: DEFAULT_MAX_SESSIONS,
+            state_dir: None,
         }
     }
 }
@@ -170,7 +173,14 @@ struct SnatState {
 /// The loaded program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    attached: Vec<(String, XdpMode, XdpLinkId)>,
+    attached: Vec<attach::Attachment>,
+    /// Where the state that outlives the agent is pinned; `None`: nothing is pinned and the
+    /// program is detached when the agent stops.
+    state: Option<pinned::StateDir>,
+    /// Counter slot -> rule id, pinned with the state.
+    slot_table: Option<Array<MapData, u32>>,
+    /// This program generation's pinned tail-call table.
+    programs_pin: Option<PathBuf>,
     /// The connection-tracking tables; `None` when the object has none (a build without
     /// connection tracking): then stateful and SNAT rules are refused.
     sessions: Option<KernelSessions>,
@@ -190,11 +200,34 @@ impl Dataplane {
 
     /// Loads the embedded object into the kernel with `options` (no attachment yet).
     pub fn load_with(options: &LoadOptions) -> Result<Self> {
+        let state = match &options.state_dir {
+            Some(root) => Some(pinned::StateDir::open(
+                root,
+                &pinned::expected_shapes(EBPF_OBJECT, options.max_sessions)?,
+            )?),
+            None => None,
+        };
         let mut loader = EbpfLoader::new();
         // Sizes are fixed at map creation, so they are set before the object is loaded; names
         // the object lacks are ignored by aya.
         for name in CONNTRACK_MAPS {
             loader.map_max_entries(name, options.max_sessions);
+        }
+        // Pinned maps are reused when their pin exists (checked by `StateDir::open`), else
+        // created and pinned. Each load gets its own tail-call table (see `pinned`).
+        let mut programs_pin = None;
+        if let Some(state) = &state {
+            for name in pinned::PINNED_MAPS {
+                loader.map_pin_path(name, state.map_path(name));
+            }
+            let tag = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+                .to_string();
+            let path = state.programs_path(&tag);
+            loader.map_pin_path(PROGRAMS, path.clone());
+            programs_pin = Some(path);
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -212,7 +245,8 @@ impl Dataplane {
         if sessions.is_none() {
             info!("the XDP object has no connection tracking maps; SNAT and stateful DNAT are unavailable");
         }
-        Ok(Self {
+        let slot_table = state.as_ref().map(|s| s.rule_slots()).transpose()?;
+        let mut dataplane = Self {
             ebpf,
             attached: Vec::new(),
             sessions,
@@ -220,7 +254,58 @@ impl Dataplane {
             snat: SnatState::default(),
             bank: bank::BankState::default(),
             applied: Compiled::default(),
-        })
+            state,
+            slot_table,
+            programs_pin,
+        };
+        if dataplane.state.as_ref().is_some_and(|s| s.reused) {
+            dataplane.adopt_pinned_rules()?;
+        }
+        Ok(dataplane)
+    }
+
+    /// Takes over the rule banks of an earlier run: the bank in force stays in force until
+    /// the first apply writes the other one, and pools that run may have written anywhere
+    /// are cleared by that apply.
+    fn adopt_pinned_rules(&mut self) -> Result<()> {
+        let map = self
+            .ebpf
+            .map(RULE_BANK)
+            .ok_or_else(|| anyhow!("the object has no map {RULE_BANK}"))?;
+        let banks: Array<&MapData, u32> = Array::try_from(map)?;
+        let active = banks.get(&0, 0).context("reading the pinned rule bank")?;
+        self.bank = bank::BankState {
+            active: active.min(RULE_BANKS - 1),
+            written: true,
+            flipped_at: None,
+        };
+        self.snat.pools_written = [MAX_POOLS as usize; RULE_BANKS as usize];
+        info!(
+            bank = active,
+            "reusing pinned state: sessions, counters and rules of the last run"
+        );
+        Ok(())
+    }
+
+    /// Whether maps and links are pinned (translation outlives the agent).
+    pub fn is_persistent(&self) -> bool {
+        self.state.is_some()
+    }
+
+    /// Rule id -> counter slot as the pinned slot table has it (empty without pinned state):
+    /// the counters of an earlier run stay with their rules.
+    pub fn slot_history(&self) -> Result<BTreeMap<u32, u32>> {
+        let Some(table) = &self.slot_table else {
+            return Ok(BTreeMap::new());
+        };
+        let mut history = BTreeMap::new();
+        for slot in 0..MAX_RULES {
+            let id = table.get(&slot, 0).context("reading the slot table")?;
+            if id != 0 {
+                history.insert(id, slot);
+            }
+        }
+        Ok(history)
     }
 
     /// Whether the object has connection tracking (sessions, SNAT rules and pools).
@@ -306,98 +391,6 @@ impl Dataplane {
             .with_context(|| format!("{name}: program type"))
     }
 
-    /// Attaches to every interface, honouring each one's mode. On failure, what was attached
-    /// is detached again so nothing is left half done.
-    pub fn attach_all(&mut self, interfaces: &[Interface]) -> Result<()> {
-        for iface in interfaces {
-            if let Err(e) = self.attach(iface) {
-                self.detach_all();
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    fn attach(&mut self, iface: &Interface) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("the object has no program {XDP_PROGRAM}"))?
-            .try_into()?;
-        let (link, mode) = match iface.mode {
-            XdpMode::Native => (
-                program
-                    .attach(&iface.name, AyaXdpMode::Driver)
-                    .with_context(|| format!("attaching to {} in native mode", iface.name))?,
-                XdpMode::Native,
-            ),
-            XdpMode::Generic => (
-                program
-                    .attach(&iface.name, AyaXdpMode::Skb)
-                    .with_context(|| format!("attaching to {} in generic mode", iface.name))?,
-                XdpMode::Generic,
-            ),
-            XdpMode::Auto => match program.attach(&iface.name, AyaXdpMode::Driver) {
-                Ok(link) => (link, XdpMode::Native),
-                Err(native_err) => {
-                    warn!(interface = %iface.name, error = %native_err, "native XDP refused; falling back to generic mode");
-                    let link = program
-                        .attach(&iface.name, AyaXdpMode::Skb)
-                        .with_context(|| {
-                            format!(
-                                "attaching to {} (native: {native_err}; generic)",
-                                iface.name
-                            )
-                        })?;
-                    (link, XdpMode::Generic)
-                }
-            },
-        };
-        info!(interface = %iface.name, mode = mode.as_str(), forwarding = iface.forwarding.as_str(), "XDP program attached");
-        self.attached.push((iface.name.clone(), mode, link));
-        self.set_forwarding(iface)
-    }
-
-    /// Tells the program who forwards translated packets arriving on `iface`.
-    fn set_forwarding(&mut self, iface: &Interface) -> Result<()> {
-        let ifindex = crate::sysctl::ifindex(&iface.name)?;
-        let map = self
-            .ebpf
-            .map_mut(IFACE_FORWARD)
-            .ok_or_else(|| anyhow!("missing map {IFACE_FORWARD}"))?;
-        let mut table: AyaHashMap<&mut MapData, u32, u32> =
-            AyaHashMap::try_from(map).context("opening the interface table")?;
-        match iface.forwarding {
-            Forwarding::Xdp => table
-                .insert(ifindex, FORWARD_XDP, 0)
-                .with_context(|| format!("enabling XDP forwarding on {}", iface.name)),
-            // Absent means "the kernel forwards"; a stale entry from a reused index must go.
-            Forwarding::Kernel => match table.remove(&ifindex) {
-                Ok(()) => Ok(()),
-                Err(e) if is_absent_key(&e) => Ok(()),
-                Err(e) => Err(e).with_context(|| format!("clearing forwarding on {}", iface.name)),
-            },
-        }
-    }
-
-    /// Interfaces attached and the mode each one actually got.
-    pub fn attachments(&self) -> impl Iterator<Item = (&str, XdpMode)> {
-        self.attached.iter().map(|(n, m, _)| (n.as_str(), *m))
-    }
-
-    /// Detaches from every interface (logged, never fails: used on shutdown and error paths).
-    pub fn detach_all(&mut self) {
-        let Some(Ok(program)) = self.ebpf.program_mut(XDP_PROGRAM).map(<&mut Xdp>::try_from) else {
-            return;
-        };
-        for (name, _, link) in self.attached.drain(..) {
-            match program.detach(link) {
-                Ok(()) => info!(interface = %name, "XDP program detached"),
-                Err(e) => warn!(interface = %name, error = %e, "detaching failed"),
-            }
-        }
-    }
-
     /// Makes `compiled` the rule set in force: writes it into the rule bank the program is
     /// not using (SNAT pools and rules first, then the DNAT tries) and flips `RULE_BANK`, so
     /// the program switches from one complete rule set to the other at one point in time.
@@ -471,6 +464,15 @@ impl Dataplane {
         self.snat.compiled = compiled.snat.clone();
         self.snat.ifindex = ifindex;
         self.applied = compiled.clone();
+        if let Some(table) = self.slot_table.as_mut() {
+            // Slot -> id; a slot taken over by another rule gets the new id, which is exactly
+            // `compile::slot_history_after` seen from the slot side.
+            for (id, slot) in &compiled.slots {
+                table
+                    .set(*slot, *id, 0)
+                    .with_context(|| format!("recording slot {slot} for rule {id}"))?;
+            }
+        }
         Ok(())
     }
 

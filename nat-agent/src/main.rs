@@ -52,6 +52,11 @@ enum Command {
     },
     /// Print the local API's OpenAPI document (JSON).
     Openapi,
+    /// Pinned state ([agent] state_dir): detach the program, or remove everything.
+    State {
+        #[command(subcommand)]
+        action: StateAction,
+    },
     /// Show a running agent's status.
     Status {
         #[command(flatten)]
@@ -136,6 +141,24 @@ enum RulesAction {
         file: PathBuf,
         #[command(flatten)]
         common: CommonArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Detach the pinned program from every interface; the pinned maps (sessions, counters)
+    /// stay for the next start.
+    Detach {
+        /// The [agent] state_dir.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// Detach and remove all pinned state of every schema version (sessions are lost): the
+    /// way out when an agent refuses pinned state it cannot use.
+    Clear {
+        /// The [agent] state_dir.
+        #[arg(long)]
+        state_dir: PathBuf,
     },
 }
 
@@ -267,6 +290,7 @@ fn main() -> ExitCode {
         }
         Command::Sessions { action } => sessions(action),
         Command::Rules { action } => rules(action),
+        Command::State { action } => state(action),
         Command::Openapi => match nat_agent::api::openapi_document().to_pretty_json() {
             Ok(text) => {
                 println!("{text}");
@@ -397,6 +421,37 @@ fn check(config: &std::path::Path, json: bool) -> ExitCode {
         ct.gc_interval.as_secs_f64()
     );
     ExitCode::SUCCESS
+}
+
+fn state(action: StateAction) -> ExitCode {
+    use nat_agent::dataplane::pinned;
+    let result = match action {
+        StateAction::Detach { state_dir } => pinned::detach(&state_dir).map(|detached| {
+            if detached.is_empty() {
+                println!("nothing attached under {}", state_dir.display());
+            }
+            for iface in detached {
+                println!("detached from {iface}");
+            }
+        }),
+        StateAction::Clear { state_dir } => pinned::clear(&state_dir).map(|cleared| {
+            for iface in &cleared.detached {
+                println!("detached from {iface}");
+            }
+            println!(
+                "removed {} pinned objects under {}",
+                cleared.removed,
+                state_dir.display()
+            );
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Reads a file named on the command line ("-": stdin).

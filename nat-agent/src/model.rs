@@ -160,6 +160,8 @@ pub struct Model {
     pub api_socket: PathBuf,
     /// The operator group allowed on the API socket: (name, gid).
     pub api_group: Option<(String, u32)>,
+    /// Where state that outlives the agent is pinned (a bpffs directory); `None`: nothing.
+    pub state_dir: Option<PathBuf>,
     /// Interfaces, in config order.
     pub interfaces: Vec<Interface>,
     /// DNAT rules, in priority order.
@@ -240,6 +242,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
     );
     let api_socket = validate_api_socket(config.agent.api_socket.as_deref(), &mut problems);
     let api_group = validate_api_group(config.agent.api_group.as_deref(), &mut problems);
+    let state_dir = validate_state_dir(config.agent.state_dir.as_deref(), &mut problems);
 
     let interfaces = validate_interfaces(&config.interfaces, &mut problems);
 
@@ -318,6 +321,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             health_listen,
             api_socket,
             api_group,
+            state_dir,
             interfaces,
             dnat,
             snat,
@@ -357,6 +361,20 @@ fn validate_api_socket(value: Option<&str>, problems: &mut Vec<Problem>) -> Path
         });
     }
     PathBuf::from(s)
+}
+
+/// The state directory: an absolute path (whether it is on bpffs is checked at start).
+fn validate_state_dir(value: Option<&str>, problems: &mut Vec<Problem>) -> Option<PathBuf> {
+    let s = value?;
+    if !Path::new(s).is_absolute() || s.contains('\0') {
+        problems.push(Problem {
+            place: "[agent]".into(),
+            field: Some("state_dir"),
+            message: format!("{s:?} is not an absolute directory path"),
+        });
+        return None;
+    }
+    Some(PathBuf::from(s))
 }
 
 /// The operator group: it must exist on this host, since the socket is handed to its gid.

@@ -121,7 +121,12 @@ impl Owner {
                 ports: PortCapacity::from_rules(&model.snat),
             })
         });
-        let slot_history = slot_history_after(&BTreeMap::new(), &compiled.slots);
+        // Pinned state carries the slots of earlier runs (and of rules deleted since).
+        let earlier = dataplane.slot_history().unwrap_or_else(|e| {
+            warn!("reading the pinned slot table: {e:#}");
+            BTreeMap::new()
+        });
+        let slot_history = slot_history_after(&earlier, &compiled.slots);
         let rules = rule_infos(&model, &compiled);
         let names_by_slot = names_after(&BTreeMap::new(), &rules);
         let names = rule_names(&names_by_slot);

@@ -36,8 +36,19 @@ pub const fn banked_pool(bank: u32, index: u32) -> u32 {
 }
 /// Per-CPU array indexed by rule counter slot, value: [`crate::stats::RuleCounters`].
 pub const RULE_COUNTERS: &str = "RULE_COUNTERS";
-/// Per-CPU array indexed by [`crate::stats::Reason`], value: packet count (u64).
+/// Per-CPU array indexed by [`crate::stats::Reason`], value: packet count (u64). Sized
+/// [`REASON_SLOTS`], not by the number of reasons, so adding a reason keeps the pinned layout.
 pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
+/// Entries of [`REASON_COUNTERS`]: room for reasons yet to come.
+pub const REASON_SLOTS: u32 = 64;
+/// Entries of [`FORWARD_COUNTERS`]: room for forwarding results yet to come.
+pub const FORWARD_RESULT_SLOTS: u32 = 16;
+
+/// Version of the state pinned across restarts (`[agent] state_dir`): the layout and meaning
+/// of every pinned map. Bump it with any change to a pinned map's key, value or size, or to
+/// the meaning of its contents; an agent never reuses state of another version (see
+/// `nat-agent/src/dataplane/pinned.rs`). A test records the layout it stands for.
+pub const STATE_SCHEMA: u32 = 1;
 
 /// Most distinct prefixes one bank of each DNAT trie holds (the trie holds both banks).
 pub const MAX_DNAT_PREFIXES: u32 = 16_384;

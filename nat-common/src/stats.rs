@@ -253,6 +253,11 @@ const _: () = assert!(core::mem::size_of::<RuleCounters>() == 32);
 // SAFETY: plain-old-data, repr(C), no padding, every bit pattern valid.
 unsafe impl aya::Pod for RuleCounters {}
 
+// The counter maps are sized with headroom (`maps::REASON_SLOTS`, `FORWARD_RESULT_SLOTS`) so
+// that adding an exit keeps the pinned layout; running out of room is a build error.
+const _: () = assert!(Reason::COUNT <= crate::maps::REASON_SLOTS);
+const _: () = assert!(ForwardResult::COUNT <= crate::maps::FORWARD_RESULT_SLOTS);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
     maps::{
-        banked, BankedPrefix, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES,
+        banked, BankedPrefix, FORWARD_RESULT_SLOTS, REASON_SLOTS, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES,
         MAX_INTERFACES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, RULE_BANKS,
     },
     rules::NatRuleSet,
@@ -38,7 +38,7 @@ pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entr
 
 /// Packets per exit [`Reason`].
 #[map(name = "REASON_COUNTERS")]
-pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
 
 /// Original-direction tuple -> session. Non-LRU on purpose: nothing is evicted behind the
 /// agent's back, so a flow's two directions never come apart; when full, new flows are refused.
@@ -107,4 +107,4 @@ pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTE
 /// Packets per [`ForwardResult`]: what happened to translated packets after translation.
 #[map(name = "FORWARD_COUNTERS")]
 pub static FORWARD_COUNTERS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(ForwardResult::COUNT, 0);
+    PerCpuArray::with_max_entries(FORWARD_RESULT_SLOTS, 0);

@@ -192,6 +192,7 @@ impl Bed {
             .with_context(|| format!("bench bug: the {what} config does not compile"))?;
         let mut dp = Dataplane::load_with(&LoadOptions {
             max_sessions: model.conntrack.max_sessions,
+            ..Default::default()
         })
         .with_context(|| {
             format!(

@@ -108,13 +108,18 @@ impl Agent {
     /// Writes `config` (with [`API_SOCKET_PLACEHOLDER`] replaced by a socket path private to
     /// this agent) and starts the agent in `ns` as [`start_agent`] does.
     pub fn start(ns: &Netns, config: &str) -> Result<Self> {
+        Self::start_binary(ns, config, AGENT)
+    }
+
+    /// [`Agent::start`] with another build of the agent (an upgrade).
+    pub fn start_binary(ns: &Netns, config: &str, binary: &str) -> Result<Self> {
         let dir = ScratchDir::new("nat-agent")?;
         let socket = dir.join("api.sock");
         let text = config.replace(API_SOCKET_PLACEHOLDER, &socket.display().to_string());
         let config = dir.write("agent.toml", &text)?;
         let config_arg = config.display().to_string();
         let mut child = ns.spawn(
-            AGENT,
+            binary,
             ["run", "--config", config_arg.as_str()],
             spawn_options(),
         )?;
@@ -174,6 +179,18 @@ impl Agent {
     /// The end of its log.
     pub fn log_tail(&self, max_bytes: u64) -> String {
         self.child.log_tail(max_bytes)
+    }
+
+    /// Kills it with SIGKILL (no clean-up of any kind) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        let pid = i32::try_from(self.child.pid()).context("pid")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .context("sending SIGKILL")?;
+        self.child.stop(Duration::from_secs(5))?;
+        Ok(())
     }
 
     /// Stops it (SIGTERM, then SIGKILL after `grace`) and returns how it exited.

@@ -183,6 +183,7 @@ impl Fixture {
         // Sized like `nat-agent run` sizes them, so a fixture can fill a small table.
         let options = LoadOptions {
             max_sessions: model.conntrack.max_sessions,
+            ..Default::default()
         };
         let mut dataplane = Dataplane::load_with(&options).unwrap_or_else(|e| {
             panic!(
