@@ -382,4 +382,31 @@ mod tests {
         }
         assert_eq!(decode_name("bad%2"), None);
     }
+
+    /// The layout `STATE_SCHEMA` stands for. When this fails, a pinned map changed: bump
+    /// `nat_common::maps::STATE_SCHEMA` (old state is then refused, not misread) and record
+    /// the new layout here.
+    const LAYOUT_V1: &str = concat!(
+        "BINDINGS:1:8:8:1024 DNAT_FORWARD:11:9:324:32768 DNAT_REVERSE:11:9:324:32768 ",
+        "FORWARD_COUNTERS:6:4:8:16 IFACE_FORWARD:1:4:4:256 MAPPINGS:1:8:16:1024 ",
+        "REASON_COUNTERS:6:4:8:64 REPLIES:1:16:16:1024 RULE_BANK:2:4:4:1 ",
+        "RULE_COUNTERS:6:4:32:4096 SESSIONS:1:16:80:1024 SNAT_POOLS:2:4:264:2048 ",
+        "SNAT_RULES:11:9:388:8192"
+    );
+
+    #[test]
+    fn the_pinned_layout_is_the_one_the_schema_version_stands_for() {
+        let shapes = expected_shapes(crate::dataplane::EBPF_OBJECT, 1024).unwrap();
+        let layout: Vec<String> = shapes
+            .iter()
+            .map(|(n, s)| {
+                format!(
+                    "{n}:{}:{}:{}:{}",
+                    s.map_type, s.key_size, s.value_size, s.max_entries
+                )
+            })
+            .collect();
+        assert_eq!(STATE_SCHEMA, 1, "record the layout of the new schema below");
+        assert_eq!(layout.join(" "), LAYOUT_V1);
+    }
 }
