@@ -25,6 +25,10 @@ use crate::{
 
 /// Runs the agent until SIGTERM or SIGINT. The caller has validated and compiled the config.
 pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
+    // Signal handlers first: a SIGTERM that arrives while the program is being loaded or
+    // attached must end in a clean shutdown, not kill the process half-way (the default
+    // action), which could leave an owned attachment behind.
+    let signals = Signals::install()?;
     let mut dataplane = Dataplane::load_with(&LoadOptions {
         max_sessions: loaded.model.conntrack.max_sessions,
         state_dir: loaded.model.state_dir.clone(),
@@ -99,7 +103,7 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
             };
             crate::notify::ready();
             let watchdog = crate::notify::start_watchdog(tx.clone());
-            let waited = wait_for_shutdown(config_path, &tx).await;
+            let waited = signals.wait_for_shutdown(config_path, &tx).await;
             info!("shutting down");
             crate::notify::stopping();
             if let Some(watchdog) = watchdog {
@@ -202,19 +206,38 @@ async fn scrape(State(state): State<MetricsState>) -> impl IntoResponse {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; meanwhile every SIGHUP re-reads the rules from the file.
-async fn wait_for_shutdown(config_path: &Path, owner: &mpsc::Sender<Request>) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM received"); return Ok(()); }
-            _ = int.recv() => { info!("SIGINT received"); return Ok(()); }
-            _ = hup.recv() => {
-                info!(config = %config_path.display(), "SIGHUP received: re-reading the rules");
-                reload(config_path, owner).await;
+/// The signals the agent handles, installed before anything else is done.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT (also one that arrived during start-up); meanwhile every
+    /// SIGHUP re-reads the rules from the file.
+    async fn wait_for_shutdown(
+        mut self,
+        config_path: &Path,
+        owner: &mpsc::Sender<Request>,
+    ) -> Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { info!("SIGTERM received"); return Ok(()); }
+                _ = self.int.recv() => { info!("SIGINT received"); return Ok(()); }
+                _ = self.hup.recv() => {
+                    info!(config = %config_path.display(), "SIGHUP received: re-reading the rules");
+                    reload(config_path, owner).await;
+                }
             }
         }
     }
