@@ -10,7 +10,7 @@ use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
     maps::{
         DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES,
-        MAX_SNAT_PREFIXES,
+        MAX_SNAT_PREFIXES, PROGRAMS_LEN,
     },
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
@@ -64,9 +64,10 @@ pub static SNAT_RULES: LpmTrie<[u8; 4], SnatRuleSet> =
 pub static SNAT_POOLS: Array<Pool> = Array::with_max_entries(MAX_POOLS, 0);
 
 /// Slot 0: the new-flow program (`xdp_nat_new_flow`); slot 1: the rules program
-/// (`xdp_nat_rules`). Installed by the agent.
+/// (`xdp_nat_rules`); slot 2: the ICMP error program (`xdp_nat_icmp_error`). Installed by the
+/// agent.
 #[map(name = "PROGRAMS")]
-pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN, 0);
 
 /// Per-CPU hand-over from `xdp_nat` to the new-flow program: the decision taken for the packet
 /// being tail-called. Valid only during that tail call (same CPU, same packet).
