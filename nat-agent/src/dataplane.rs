@@ -28,9 +28,10 @@ use ipnet::Ipv4Net;
 use nat_common::{
     maps::{BankedPrefix, FORWARD_COUNTERS, MAX_POOLS, MAX_RULES, RULE_BANK, RULE_BANKS},
     maps::{
-        BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, MAPPINGS, NEW_FLOW_SLOT,
-        PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS, SNAT_POOLS,
-        SNAT_RULES, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
+        BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, ICMP_ERROR_SLOT, MAPPINGS,
+        NEW_FLOW_SLOT, PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS,
+        SNAT_POOLS, SNAT_RULES, XDP_ICMP_ERROR_PROGRAM, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM,
+        XDP_RULES_PROGRAM,
     },
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
@@ -123,12 +124,13 @@ fn is_absent_key(e: &aya::maps::MapError) -> bool {
 }
 
 /// Loads the programs `xdp_nat` reaches by tail call and puts them in `PROGRAMS`. Until they
-/// are there, packets that would start a session are refused (`new_flow_unavailable`), never
-/// passed untranslated.
+/// are there, packets that would start a session are refused (`new_flow_unavailable`) and ICMP
+/// errors dropped (`icmp_error_unavailable`), never passed untranslated.
 fn install_tail_call_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, slot) in [
         (XDP_RULES_PROGRAM, RULES_SLOT),
         (XDP_NEW_FLOW_PROGRAM, NEW_FLOW_SLOT),
+        (XDP_ICMP_ERROR_PROGRAM, ICMP_ERROR_SLOT),
     ] {
         let Some(program) = ebpf.program_mut(name) else {
             // An object without connection tracking has no such programs.

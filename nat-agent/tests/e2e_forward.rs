@@ -193,6 +193,87 @@ fn tracepath_shows_the_nat_hop_when_xdp_forwards() -> Result<()> {
     )
 }
 
+/// ICMP errors from outside about translated flows reach the inside host translated (a UDP
+/// socket sees "connection refused", tracepath sees the far hop answer), and errors about the
+/// appliance's own traffic still reach its kernel (tracepath and ping from the NAT itself).
+#[test]
+fn icmp_errors_reach_inside_hosts_and_the_appliance() -> Result<()> {
+    let lab = SnatLab::new()?;
+    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let target = SnatLab::PUBLIC_ADDR.to_string();
+
+    // Port 9 has no listener on the public host: its port unreachable, sent to the NAT's
+    // address and quoting the translated datagram, must come back as ECONNREFUSED.
+    let refused = lab.private.run(
+        "python3",
+        [
+            "-c",
+            &format!(
+                "import socket\n\
+                 s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                 s.settimeout(3)\n\
+                 s.connect(('{target}',9))\n\
+                 s.send(b'x')\n\
+                 try:\n\
+                 \x20 s.recv(10)\n\
+                 \x20 print('answered')\n\
+                 except ConnectionRefusedError:\n\
+                 \x20 print('refused')\n\
+                 except socket.timeout:\n\
+                 \x20 print('timeout')"
+            ),
+        ],
+    )?;
+    ensure!(
+        refused.trim() == "refused",
+        "the inside host's UDP socket saw {refused:?} instead of the translated port unreachable"
+    );
+
+    let from_inside = lab.private.run("tracepath", ["-n", "-m", "3", &target])?;
+    ensure!(
+        from_inside.contains(&format!("2:  {target}")) && from_inside.contains("reached"),
+        "tracepath from inside did not reach the public host:\n{from_inside}"
+    );
+
+    // The appliance's own traffic: its errors quote its own sockets, not a NAT flow.
+    let from_nat = lab.nat.run("tracepath", ["-n", "-m", "2", &target])?;
+    ensure!(
+        from_nat.contains(&format!("1:  {target}")) && from_nat.contains("reached"),
+        "tracepath from the NAT itself did not reach the public host:\n{from_nat}"
+    );
+    let ping = lab
+        .nat
+        .run("ping", ["-c", "2", "-i", "0.2", "-W", "1", &target])?;
+    ensure!(
+        ping.contains(" 0% packet loss"),
+        "ping from the NAT: {ping}"
+    );
+
+    wait_until(
+        "the ICMP errors to be counted",
+        Duration::from_secs(5),
+        || {
+            let m = agent.metrics()?;
+            let translated = m.sum(
+                "xdpnat_packets_total",
+                &[
+                    ("reason", "icmp_error_translated"),
+                    ("action", "translated"),
+                ],
+            );
+            let passed = m.sum(
+                "xdpnat_packets_total",
+                &[("reason", "icmp_error_passed"), ("action", "pass")],
+            );
+            Ok(if translated >= 2.0 && passed >= 1.0 {
+                Check::Done(())
+            } else {
+                Check::NotYet(format!("translated {translated}, passed {passed}"))
+            })
+        },
+    )
+}
+
 #[test]
 fn dnat_vips_answer_with_xdp_forwarding() -> Result<()> {
     let lab = DnatLab::new()?;

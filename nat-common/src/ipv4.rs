@@ -16,8 +16,9 @@ pub mod proto {
     pub const UDPLITE: u8 = 136;
 }
 
-/// ICMP types that carry an error about another packet (its header is quoted inside). The
-/// foundation passes them untranslated; translating the quoted header is a later stage.
+/// ICMP types that carry an error about another packet (its header is quoted inside). Those of
+/// them that `crate::icmp::is_translatable_error` names are translated by the ICMP error
+/// program; the rest (redirects) are passed untranslated wherever they meet a rule.
 pub const fn icmp_is_error(icmp_type: u8) -> bool {
     matches!(icmp_type, 3 | 4 | 5 | 11 | 12)
 }

@@ -9,6 +9,7 @@
 
 pub mod checksum;
 pub mod conntrack;
+pub mod icmp;
 pub mod ipv4;
 pub mod maps;
 pub mod rules;

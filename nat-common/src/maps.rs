@@ -64,15 +64,23 @@ pub const XDP_NEW_FLOW_PROGRAM: &str = "xdp_nat_new_flow";
 /// The XDP program that evaluates the rules for packets that may start a session (stateful
 /// DNAT, DNAT with an SNAT check, SNAT), reached from [`XDP_PROGRAM`] by tail call.
 pub const XDP_RULES_PROGRAM: &str = "xdp_nat_rules";
+/// The XDP program that translates ICMP errors (the quoted datagram included), reached from
+/// [`XDP_PROGRAM`] by tail call for every unfragmented or first-fragment ICMP error it sees.
+pub const XDP_ICMP_ERROR_PROGRAM: &str = "xdp_nat_icmp_error";
 /// Benchmark baseline in the object: parses like [`XDP_PROGRAM`] and passes. Never attached.
 pub const XDP_PARSE_PASS_PROGRAM: &str = "xdp_parse_pass";
 /// Program array the agent fills: slot [`NEW_FLOW_SLOT`] holds [`XDP_NEW_FLOW_PROGRAM`], slot
-/// [`RULES_SLOT`] holds [`XDP_RULES_PROGRAM`].
+/// [`RULES_SLOT`] holds [`XDP_RULES_PROGRAM`], slot [`ICMP_ERROR_SLOT`] holds
+/// [`XDP_ICMP_ERROR_PROGRAM`].
 pub const PROGRAMS: &str = "PROGRAMS";
+/// Slots in [`PROGRAMS`].
+pub const PROGRAMS_LEN: u32 = 3;
 /// Slot of the new-flow program in [`PROGRAMS`].
 pub const NEW_FLOW_SLOT: u32 = 0;
 /// Slot of the rules program in [`PROGRAMS`].
 pub const RULES_SLOT: u32 = 1;
+/// Slot of the ICMP error program in [`PROGRAMS`].
+pub const ICMP_ERROR_SLOT: u32 = 2;
 
 /// Hash, key: original-direction [`crate::conntrack::FlowKey`], value:
 /// [`crate::conntrack::Session`]. Capacity set by the agent (`max_sessions`).

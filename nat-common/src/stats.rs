@@ -26,8 +26,8 @@ pub enum Reason {
     /// A fragment that a port-matching rule would need ports for: passed untouched, because
     /// rewriting it without the first fragment's ports would be guessing.
     FragmentUnmatched = 7,
-    /// An ICMP error to or from a translated address: passed untouched until ICMP error
-    /// translation (quoted header included) exists.
+    /// An ICMP error passed untouched: it quotes traffic no rule translates (the appliance's
+    /// own, routed traffic, an exempt flow), is addressed to this host, or is a redirect.
     IcmpErrorPassed = 8,
     /// Stacked VLAN tags (QinQ): not parsed, passed.
     VlanStacked = 9,
@@ -62,6 +62,20 @@ pub enum Reason {
     /// TTL 1 or 0 on an interface that forwards from XDP: handed to the kernel untranslated,
     /// which answers with ICMP time exceeded to the real sender (what traceroute needs).
     TtlExpiring = 22,
+    /// An ICMP error about a translated flow, translated: outer addresses, the quoted header
+    /// and its ports or echo id, and every checksum involved.
+    IcmpErrorTranslated = 23,
+    /// An ICMP error quoting a flow only the NAT could carry (a translating rule applies to
+    /// it) but no session or stateless rule knows: dropped, since passing it would show
+    /// inside addresses or an untranslated quote. Never creates a session.
+    IcmpErrorUnmatched = 24,
+    /// An ICMP error whose quote cannot be read (shorter than a header and 8 bytes, bad
+    /// version or IHL), or one about a translated flow that arrived fragmented: dropped,
+    /// never rewritten.
+    IcmpErrorMalformed = 25,
+    /// The ICMP error program could not be reached (not installed in `PROGRAMS`): the error
+    /// is dropped rather than passed untranslated. Never expected in operation.
+    IcmpErrorUnavailable = 26,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -77,7 +91,7 @@ pub enum Action {
 
 impl Reason {
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 27;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -104,6 +118,10 @@ impl Reason {
         Reason::RstNoSession,
         Reason::NewFlowUnavailable,
         Reason::TtlExpiring,
+        Reason::IcmpErrorTranslated,
+        Reason::IcmpErrorUnmatched,
+        Reason::IcmpErrorMalformed,
+        Reason::IcmpErrorUnavailable,
     ];
 
     /// The metrics label value.
@@ -132,6 +150,10 @@ impl Reason {
             Reason::RstNoSession => "rst_no_session",
             Reason::NewFlowUnavailable => "new_flow_unavailable",
             Reason::TtlExpiring => "ttl_expiring",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
+            Reason::IcmpErrorUnmatched => "icmp_error_unmatched",
+            Reason::IcmpErrorMalformed => "icmp_error_malformed",
+            Reason::IcmpErrorUnavailable => "icmp_error_unavailable",
         }
     }
 
@@ -142,7 +164,8 @@ impl Reason {
             | Reason::DnatReplyTranslated
             | Reason::SessionNew
             | Reason::SessionOrig
-            | Reason::SessionReply => Action::Translated,
+            | Reason::SessionReply
+            | Reason::IcmpErrorTranslated => Action::Translated,
             // Refused new flows: passing them would send the inside address out untranslated.
             Reason::TableFull
             | Reason::NoPort
@@ -151,6 +174,11 @@ impl Reason {
             | Reason::SnatProtoUnsupported
             | Reason::RstNoSession
             | Reason::NewFlowUnavailable => Action::Drop,
+            // Errors about translated flows that cannot be translated: passing them would show
+            // inside addresses or quotes the receiver cannot match.
+            Reason::IcmpErrorUnmatched
+            | Reason::IcmpErrorMalformed
+            | Reason::IcmpErrorUnavailable => Action::Drop,
             // Malformed IPv4 and a cut-short L4 header the kernel would drop too; dropping here
             // makes sure nothing downstream sees a half-parsed packet.
             Reason::MalformedIpv4 | Reason::TruncatedL4 | Reason::TruncatedEthernet => Action::Drop,

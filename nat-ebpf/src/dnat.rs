@@ -62,7 +62,8 @@ pub fn find_rule(
     }
     match l4.kind {
         // ICMP errors quote another packet's header; rewriting only the outer header would
-        // leave the quote inconsistent, so they go to the kernel untouched for now.
+        // leave the quote inconsistent. The translatable ones never get here (`icmp` takes
+        // them); what is left (redirects) goes to the kernel untouched.
         L4Kind::IcmpOther if icmp_is_error(l4.icmp_type) => Err(Reason::IcmpErrorPassed),
         L4Kind::Truncated => Err(Reason::TruncatedL4),
         _ => Ok(Some(set.rules[index])),

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
@@ -58,4 +58,27 @@ pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
         ifindex: params.ifindex,
         src: src.to_ne_bytes(),
     })
+}
+
+/// Whether a packet from `src` to `dst` arriving on this program's interface is addressed to
+/// this host (a local, broadcast or multicast route: the FIB says "not forwarded").
+#[inline(always)]
+pub fn is_local(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> bool {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
+    // below.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
 }

@@ -2,8 +2,8 @@
 //!
 //! Every packet takes exactly one exit, named by a [`Reason`] that is counted per CPU and
 //! decides the XDP action. `nat` orders the stages: sessions (conntrack), DNAT rules (stateless
-//! or stateful), SNAT rules. Translated packets go to the kernel (XDP_PASS), which forwards
-//! them.
+//! or stateful), SNAT rules; ICMP errors go to `icmp`. Translated packets leave from XDP
+//! (`forward`) or go to the kernel (XDP_PASS), which forwards them.
 #![no_std]
 #![no_main]
 // BPF atomics (`lock add`) are reachable only through inline assembly on this target.
@@ -14,6 +14,7 @@ mod conntrack;
 mod dnat;
 mod fib;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod newflow;
@@ -42,6 +43,13 @@ pub fn xdp_nat_rules(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_nat_new_flow(ctx: XdpContext) -> u32 {
     finish(&ctx, newflow::run(&ctx))
+}
+
+/// Translates ICMP errors (quote included); reached only by tail call from [`xdp_nat`] (see
+/// `icmp`).
+#[xdp]
+pub fn xdp_nat_icmp_error(ctx: XdpContext) -> u32 {
+    finish(&ctx, icmp::run(&ctx))
 }
 
 /// Benchmark baseline: parse and pass (see `baseline`). Counts nothing.

@@ -9,8 +9,9 @@ use aya_ebpf::{
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
     maps::{
-        banked, BankedPrefix, FORWARD_RESULT_SLOTS, REASON_SLOTS, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, MAX_DNAT_PREFIXES,
-        MAX_INTERFACES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, RULE_BANKS,
+        banked, BankedPrefix, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, FORWARD_RESULT_SLOTS,
+        MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, PROGRAMS_LEN,
+        REASON_SLOTS, RULE_BANKS,
     },
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
@@ -91,9 +92,10 @@ pub fn rule_lookup<V>(
 }
 
 /// Slot 0: the new-flow program (`xdp_nat_new_flow`); slot 1: the rules program
-/// (`xdp_nat_rules`). Installed by the agent.
+/// (`xdp_nat_rules`); slot 2: the ICMP error program (`xdp_nat_icmp_error`). Installed by the
+/// agent.
 #[map(name = "PROGRAMS")]
-pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN, 0);
 
 /// Per-CPU hand-over from `xdp_nat` to the new-flow program: the decision taken for the packet
 /// being tail-called. Valid only during that tail call (same CPU, same packet).

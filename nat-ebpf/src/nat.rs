@@ -6,6 +6,9 @@
 //! 2. stateless DNAT, forward (destination) and reverse (source of a backend's reply);
 //! 3. anything that may start a session goes on to `xdp_nat_rules` by tail call.
 //!
+//! ICMP errors go to `xdp_nat_icmp_error` by tail call before any of this (`icmp`): they are
+//! looked up by the datagram they quote, not by their own tuple.
+//!
 //! `xdp_nat_rules`, [`try_rules`]: DNAT rules that need a session (stateful, or SNAT applies
 //! too) and SNAT rules; a new session goes on to `xdp_nat_new_flow` (`newflow`).
 
@@ -18,7 +21,7 @@ use nat_common::{
 use crate::{
     conntrack,
     dnat::{self, Side},
-    forward,
+    forward, icmp,
     maps::{rule_bank, rule_lookup, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
     newflow,
     parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
@@ -35,6 +38,9 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
         return Err(Reason::TtlExpiring);
     }
     let l4 = read_l4(ctx, &pkt);
+    if icmp::is_error(&l4) {
+        return Err(icmp::hand_over(ctx));
+    }
     let key = l4.flow_key(&pkt);
 
     if l4.trackable(&pkt) {

@@ -747,6 +747,58 @@ fn l4_check(proto_nr: u8, src: [u8; 4], dst: [u8; 4], seg: &[u8]) -> Result<L4Ch
     }
 }
 
+/// What [`verify_icmp_error_checksums`] could check in the quoted datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuoteCheck {
+    /// The whole quoted datagram is present: its header checksum and its TCP/UDP/ICMP checksum
+    /// (over the quoted addresses) were recomputed and match.
+    Whole(L4Check),
+    /// Only part of the quoted datagram is present (RFC 792: header and 8 bytes): its header
+    /// checksum was recomputed and matches; its L4 checksum cannot be recomputed.
+    HeaderOnly,
+}
+
+/// For an ICMP error frame: [`verify_checksums`] (outer IPv4 header, ICMP checksum over the
+/// whole message), then the quoted IPv4 header's checksum recomputed from scratch and, when
+/// the quote holds the whole quoted datagram, its L4 checksum too.
+pub fn verify_icmp_error_checksums(frame: &[u8]) -> Result<QuoteCheck, String> {
+    if verify_checksums(frame)? != L4Check::Valid {
+        return Err("the outer ICMP checksum could not be checked".into());
+    }
+    let ip = parse_ipv4(frame)?;
+    if ip.proto != proto::ICMP {
+        return Err(format!("protocol {} is not ICMP", ip.proto));
+    }
+    let quote = ip
+        .payload
+        .get(ICMP_HLEN..)
+        .ok_or("ICMP message shorter than its header")?;
+    let vihl = *quote.first().ok_or("empty quote")?;
+    let hlen = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || hlen < IPV4_HLEN || quote.len() < hlen {
+        return Err(format!(
+            "quoted header {vihl:#04x} does not fit the {}-byte quote",
+            quote.len()
+        ));
+    }
+    let mut header = quote[..hlen].to_vec();
+    let stored = u16::from_be_bytes([header[10], header[11]]);
+    header[10..12].copy_from_slice(&[0, 0]);
+    let fresh = checksum(&header);
+    if fresh != stored {
+        return Err(format!(
+            "quoted IPv4 header checksum is {stored:#06x}, recomputed {fresh:#06x}"
+        ));
+    }
+    let total = usize::from(u16::from_be_bytes([quote[2], quote[3]]));
+    if total > quote.len() {
+        return Ok(QuoteCheck::HeaderOnly);
+    }
+    let src: [u8; 4] = quote[12..16].try_into().expect("4 bytes");
+    let dst: [u8; 4] = quote[16..20].try_into().expect("4 bytes");
+    l4_check(quote[9], src, dst, &quote[hlen..total]).map(QuoteCheck::Whole)
+}
+
 /// Reassembles the fragments in `frames` (each a whole frame) and checks the L4 checksum of
 /// the datagram against the addresses of the fragments, which must all agree.
 pub fn verify_reassembled_l4_checksum(frames: &[&[u8]]) -> Result<L4Check, String> {
