@@ -11,7 +11,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 tools="$top/.tools"
 stamp="$tools/bootstrap.stamp"
 # Bump when the list below changes so machines that ran an older list install the new bits.
-bootstrap_version=5
+bootstrap_version=6
 
 APT_PACKAGES=(
   # eBPF toolchain (TOOLCHAIN.md)
@@ -62,6 +62,29 @@ apt_install() {
   export DEBIAN_FRONTEND=noninteractive
   apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null
   apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# FRR for the BGP announcement test (nat-agent/tests/e2e_bgp.rs runs its own zebra and bgpd in
+# lab namespaces). Installed as a package, because its daemons need its libraries and the frr
+# user, but with service start-up denied for the install (policy-rc.d), so no FRR starts on
+# this machine; its boot-time service is disabled too where systemd runs.
+install_frr() {
+  dpkg-query -W -f='${Status}' frr 2>/dev/null | grep -q 'install ok installed' && return 0
+  log "installing frr (its services kept off)"
+  local policy=/usr/sbin/policy-rc.d own_policy=0 rc=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# bootstrap.sh: no service starts while frr installs\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=600 update -q >/dev/null || rc=$?
+  [ "$rc" -eq 0 ] && { apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends frr >/dev/null || rc=$?; }
+  [ "$own_policy" -eq 1 ] && rm -f "$policy"
+  [ "$rc" -eq 0 ] || { log "installing frr failed"; exit "$rc"; }
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now frr.service >/dev/null 2>&1 || true
+  fi
 }
 
 # Unpacks each of EXTRACTED_PACKAGES into .tools/deb/<package> (again when the archive has a
@@ -152,10 +175,12 @@ main() {
      && [ -x /usr/bin/rustc ] && [ -x "$tools/bin/bpf-linker" ] \
      && [ -x "$tools/bin/promtool" ] && [ -x "$tools/bin/cloud-init" ]; then
     apt_install   # cheap check; catches packages removed by hand
+    install_frr   # likewise
     python_tools  # cheap too: a hash of the requirements file
     return 0
   fi
   apt_install
+  install_frr
   install_bpf_linker
   extract_packages
   python_tools

@@ -288,6 +288,7 @@ mod tests {
             api_socket: "/run/t.sock".into(),
             api_group: None,
             state_dir: None,
+            announce_vips: false,
             interfaces: Vec::new(),
             dnat,
             snat,

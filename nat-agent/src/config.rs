@@ -26,6 +26,18 @@ pub struct ConfigFile {
     /// Connection tracking: table size, timeouts, expiry sweep.
     #[serde(default)]
     pub conntrack: ConntrackSection,
+    /// Announcing the VIPs through the host's routing daemon.
+    #[serde(default)]
+    pub announce: AnnounceSection,
+}
+
+/// `[announce]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceSection {
+    /// Keep a kernel route (blackhole, protocol 250 `xdpnat`) per DNAT destination prefix while
+    /// the program translates, for a routing daemon to redistribute (see `announce.rs`).
+    pub vip_routes: Option<bool>,
 }
 
 /// `[agent]`.

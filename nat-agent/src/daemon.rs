@@ -78,9 +78,25 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
         "agent running"
     );
 
+    // VIP announcements follow the rules in force (the owner sends every change).
+    let (vips, vips_rx) = tokio::sync::watch::channel(crate::announce::vip_prefixes(&model));
+    let announcer = if model.announce_vips {
+        let routes = crate::announce::VipRoutes::connect()?;
+        // Withdraw at the end only if the program goes away with the agent.
+        let withdraw = !dataplane.is_persistent();
+        Some(tokio::spawn(crate::announce::follow(
+            routes, vips_rx, withdraw,
+        )))
+    } else {
+        None
+    };
+
     let (tx, rx) = mpsc::channel(16);
-    let owner =
-        tokio::spawn(Owner::new(dataplane, &config_path.display().to_string(), loaded).run(rx));
+    let owner = tokio::spawn(
+        Owner::new(dataplane, &config_path.display().to_string(), loaded)
+            .announcing(vips)
+            .run(rx),
+    );
 
     // From here on, a failure must still let the owner task detach: drop the sender and wait.
     let served = serve(&model, tx.clone()).await;
@@ -96,6 +112,9 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
                         api.stop();
                         drop(tx);
                         owner.await.context("dataplane task")?;
+                        if let Some(announcer) = announcer {
+                            let _ = announcer.await;
+                        }
                         return Err(e);
                     }
                 },
@@ -124,6 +143,10 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
     // The owner task drops the Dataplane, which detaches from every interface it owns; pinned
     // links stay and keep translating.
     owner.await.context("dataplane task")?;
+    // The owner dropped its end of the VIP channel: the announcer withdraws (or not) and ends.
+    if let Some(announcer) = announcer {
+        let _ = announcer.await;
+    }
     if let Some(dir) = &model.state_dir {
         info!(state_dir = %dir.display(), "translation continues with the pinned program; `nat-agent state detach` detaches it");
     }

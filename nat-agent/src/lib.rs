@@ -2,6 +2,7 @@
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library, so tests drive the same code.
 
+pub mod announce;
 pub mod api;
 pub mod client;
 pub mod compile;

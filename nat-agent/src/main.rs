@@ -445,8 +445,20 @@ fn state(action: StateAction) -> ExitCode {
             );
         }),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    // Nothing translates any more: the VIP announcements (if any) go too.
+    let withdrawn = result.and_then(|()| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(nat_agent::announce::withdraw_all()))
+    });
+    match withdrawn {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(n) => {
+            println!("withdrew {n} VIP routes");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

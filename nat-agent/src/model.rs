@@ -170,6 +170,8 @@ pub struct Model {
     pub snat: Vec<SnatRule>,
     /// Session table size, timeouts and sweep interval.
     pub conntrack: Conntrack,
+    /// Whether the DNAT destination prefixes are installed as routes to announce.
+    pub announce_vips: bool,
 }
 
 impl Model {
@@ -326,6 +328,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             dnat,
             snat,
             conntrack,
+            announce_vips: config.announce.vip_routes.unwrap_or(false),
         })
     } else {
         Err(ValidationError {

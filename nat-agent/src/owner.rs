@@ -103,6 +103,8 @@ pub(crate) struct Owner {
     applies: ApplyCounts,
     last_apply: Option<LastApply>,
     started: Instant,
+    /// Where the VIP prefixes to announce go after every applied change.
+    vips: Option<tokio::sync::watch::Sender<std::collections::BTreeSet<ipnet::Ipv4Net>>>,
 }
 
 impl Owner {
@@ -153,7 +155,17 @@ impl Owner {
                 unix_time: unix_now(),
             }),
             started: Instant::now(),
+            vips: None,
         }
+    }
+
+    /// Sends the VIP prefixes of every applied rule change to `vips` (see `announce`).
+    pub(crate) fn announcing(
+        mut self,
+        vips: tokio::sync::watch::Sender<std::collections::BTreeSet<ipnet::Ipv4Net>>,
+    ) -> Self {
+        self.vips = Some(vips);
+        self
     }
 
     /// Serves requests and runs the sweep until every sender is gone, then drops the
@@ -338,6 +350,9 @@ impl Owner {
         }
         for rule in &compiled.stateful {
             info!("{rule}");
+        }
+        if let Some(vips) = &self.vips {
+            vips.send_replace(crate::announce::vip_prefixes(&model));
         }
         self.running = next;
         self.model = model;

@@ -235,6 +235,9 @@ pub fn restart_only_differences(running: &ConfigFile, file: &ConfigFile) -> Vec<
     if running.conntrack != file.conntrack {
         out.push("[conntrack]");
     }
+    if running.announce != file.announce {
+        out.push("[announce]");
+    }
     out
 }
 

@@ -22,6 +22,7 @@
 //! assigned inside its own namespaces, and has no route to anything else.
 
 pub mod chrony;
+pub mod frr;
 pub mod http_echo;
 pub mod netns;
 pub mod nft;
@@ -34,6 +35,7 @@ pub mod topology;
 pub mod udp_echo;
 
 pub use chrony::{ChronySource, NtpClient, NtpClientOptions, NtpServer, CHRONY_TOOLS};
+pub use frr::{bgp_config, Frr};
 pub use http_echo::{http_get, wait_tcp_ports, EchoReply, HttpEcho};
 pub use netns::{cleanup_stale, in_netns, remove_namespace, Netns};
 pub use nft::{install_counter, read_counter, CounterReading, Hook};
@@ -47,5 +49,5 @@ pub use sockets::{
     TcpConn, TcpEchoServer, UdpPeerEcho,
 };
 pub use tools::{require_root, require_tools, LAB_TOOLS};
-pub use topology::{DnatLab, DnatLabOptions};
+pub use topology::{veth_pair, DnatLab, DnatLabOptions};
 pub use udp_echo::{udp_exchange, udp_exchange_from, UdpEcho, UdpExchange};

@@ -213,7 +213,7 @@ impl DnatLab {
 
 /// Creates a veth pair from inside `a` with the peer placed straight into `b`, so the names
 /// never appear in the root namespace (concurrent labs reuse them).
-pub(crate) fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
+pub fn veth_pair(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     a.run(
         "ip",
         [
