@@ -289,6 +289,7 @@ mod tests {
             api_group: None,
             state_dir: None,
             announce_vips: false,
+            event_log: None,
             interfaces: Vec::new(),
             dnat,
             snat,

@@ -29,6 +29,18 @@ pub struct ConfigFile {
     /// Announcing the VIPs through the host's routing daemon.
     #[serde(default)]
     pub announce: AnnounceSection,
+    /// The NAT event log.
+    #[serde(default)]
+    pub events: EventsSection,
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSection {
+    /// `"stdout"` or an absolute file path: one JSON line per session created or deleted.
+    /// Off when absent.
+    pub log: Option<String>,
 }
 
 /// `[announce]`.

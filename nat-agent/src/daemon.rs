@@ -91,12 +91,13 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
         None
     };
 
+    let mut owner =
+        Owner::new(dataplane, &config_path.display().to_string(), loaded).announcing(vips);
+    if let Some(log) = &model.event_log {
+        owner.start_event_log(log)?;
+    }
     let (tx, rx) = mpsc::channel(16);
-    let owner = tokio::spawn(
-        Owner::new(dataplane, &config_path.display().to_string(), loaded)
-            .announcing(vips)
-            .run(rx),
-    );
+    let owner = tokio::spawn(owner.run(rx));
 
     // From here on, a failure must still let the owner task detach: drop the sender and wait.
     let served = serve(&model, tx.clone()).await;

@@ -26,7 +26,10 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use nat_common::{
-    maps::{BankedPrefix, FORWARD_COUNTERS, MAX_POOLS, MAX_RULES, RULE_BANK, RULE_BANKS},
+    maps::{
+        BankedPrefix, EVENT_CONFIG, EVENT_DROPS, FORWARD_COUNTERS, MAX_POOLS, MAX_RULES, RULE_BANK,
+        RULE_BANKS, SESSION_EVENTS,
+    },
     maps::{
         BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, ICMP_ERROR_SLOT, MAPPINGS,
         NEW_FLOW_SLOT, PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS,
@@ -287,6 +290,47 @@ impl Dataplane {
             "reusing pinned state: sessions, counters and rules of the last run"
         );
         Ok(())
+    }
+
+    /// Turns the program's session events on and hands the agent's deletions to the event
+    /// log too; returns the running log.
+    pub fn start_event_log(
+        &mut self,
+        log: &crate::events::EventLog,
+        names: tokio::sync::watch::Receiver<BTreeMap<u32, String>>,
+    ) -> Result<crate::events::EventLogger> {
+        let ring = self
+            .ebpf
+            .take_map(SESSION_EVENTS)
+            .ok_or_else(|| anyhow!("the object has no map {SESSION_EVENTS}"))?;
+        let ring = aya::maps::RingBuf::try_from(ring).context("opening the event ring")?;
+        let logger = crate::events::EventLogger::start(log, ring, names)?;
+        if let Some(sessions) = self.sessions.as_mut() {
+            sessions.report_deletions(logger.deletions.clone());
+        }
+        let map = self
+            .ebpf
+            .map_mut(EVENT_CONFIG)
+            .ok_or_else(|| anyhow!("the object has no map {EVENT_CONFIG}"))?;
+        let mut config: Array<&mut MapData, u32> = Array::try_from(map)?;
+        config
+            .set(0, nat_common::events::EVENTS_ON, 0)
+            .context("turning the session events on")?;
+        info!(log = ?log, "NAT event log on");
+        Ok(logger)
+    }
+
+    /// Session events the program dropped because the ring was full (summed over CPUs).
+    pub fn kernel_event_drops(&self) -> Result<u64> {
+        let Some(map) = self.ebpf.map(EVENT_DROPS) else {
+            return Ok(0);
+        };
+        let drops: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        Ok(drops
+            .get(&0, 0)
+            .context("reading EVENT_DROPS")?
+            .iter()
+            .sum())
     }
 
     /// Whether maps and links are pinned (translation outlives the agent).

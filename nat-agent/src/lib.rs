@@ -9,6 +9,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
 pub mod gc;
 pub mod health;
 pub mod import;

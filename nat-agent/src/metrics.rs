@@ -63,6 +63,8 @@ pub struct ScrapeView {
     pub conntrack: Option<ConntrackView>,
     /// Rule changes applied and refused, by source.
     pub applies: Vec<crate::status::ApplyCount>,
+    /// Event log records dropped (ring or queue full); `None` when the event log is off.
+    pub events_dropped: Option<u64>,
 }
 
 /// The registered metric families.
@@ -76,6 +78,7 @@ pub struct Metrics {
     attached: IntGaugeVec,
     generation: IntGauge,
     applies: IntCounterVec,
+    events_dropped: IntCounter,
     sessions: IntGauge,
     sessions_capacity: IntGauge,
     ports_in_use: IntGaugeVec,
@@ -142,6 +145,11 @@ impl Metrics {
                  refused; a refused change leaves the rules in force untouched)",
             ),
             &["source", "result"],
+        )?;
+        let events_dropped = IntCounter::new(
+            "xdpnat_events_dropped_total",
+            "NAT event log records dropped because the kernel ring or the agent's queue was \
+             full (0 when the event log is off)",
         )?;
         let info = IntGaugeVec::new(
             Opts::new("xdpnat_build_info", "Agent build information"),
@@ -210,7 +218,7 @@ impl Metrics {
         for g in [&generation, &sessions, &sessions_capacity] {
             registry.register(Box::new(g.clone()))?;
         }
-        for c in [&allocation_failures, &gc_runs] {
+        for c in [&allocation_failures, &gc_runs, &events_dropped] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(gc_last_duration.clone()))?;
@@ -224,6 +232,7 @@ impl Metrics {
             attached,
             generation,
             applies,
+            events_dropped,
             sessions,
             sessions_capacity,
             ports_in_use,
@@ -291,6 +300,8 @@ impl Metrics {
                 .set(1);
         }
         self.generation.set(view.generation as i64);
+        self.events_dropped.reset();
+        self.events_dropped.inc_by(view.events_dropped.unwrap_or(0));
         self.applies.reset();
         for a in &view.applies {
             self.applies

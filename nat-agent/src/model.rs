@@ -172,6 +172,8 @@ pub struct Model {
     pub conntrack: Conntrack,
     /// Whether the DNAT destination prefixes are installed as routes to announce.
     pub announce_vips: bool,
+    /// Where the NAT event log goes; `None`: off.
+    pub event_log: Option<crate::events::EventLog>,
 }
 
 impl Model {
@@ -245,6 +247,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
     let api_socket = validate_api_socket(config.agent.api_socket.as_deref(), &mut problems);
     let api_group = validate_api_group(config.agent.api_group.as_deref(), &mut problems);
     let state_dir = validate_state_dir(config.agent.state_dir.as_deref(), &mut problems);
+    let event_log = validate_event_log(config.events.log.as_deref(), &mut problems);
 
     let interfaces = validate_interfaces(&config.interfaces, &mut problems);
 
@@ -329,6 +332,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             snat,
             conntrack,
             announce_vips: config.announce.vip_routes.unwrap_or(false),
+            event_log,
         })
     } else {
         Err(ValidationError {
@@ -364,6 +368,27 @@ fn validate_api_socket(value: Option<&str>, problems: &mut Vec<Problem>) -> Path
         });
     }
     PathBuf::from(s)
+}
+
+/// `[events] log`: `stdout` or an absolute file path.
+fn validate_event_log(
+    value: Option<&str>,
+    problems: &mut Vec<Problem>,
+) -> Option<crate::events::EventLog> {
+    match value? {
+        "stdout" => Some(crate::events::EventLog::Stdout),
+        path if Path::new(path).is_absolute() && !path.ends_with('/') => {
+            Some(crate::events::EventLog::File(PathBuf::from(path)))
+        }
+        other => {
+            problems.push(Problem {
+                place: "[events]".into(),
+                field: Some("log"),
+                message: format!("{other:?}: give \"stdout\" or an absolute file path"),
+            });
+            None
+        }
+    }
 }
 
 /// The state directory: an absolute path (whether it is on bpffs is checked at start).

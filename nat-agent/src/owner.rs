@@ -103,6 +103,11 @@ pub(crate) struct Owner {
     applies: ApplyCounts,
     last_apply: Option<LastApply>,
     started: Instant,
+    /// The event log, when on, and the rule names it labels events with.
+    events: Option<(
+        crate::events::EventLogger,
+        tokio::sync::watch::Sender<BTreeMap<u32, String>>,
+    )>,
     /// Where the VIP prefixes to announce go after every applied change.
     vips: Option<tokio::sync::watch::Sender<std::collections::BTreeSet<ipnet::Ipv4Net>>>,
 }
@@ -156,7 +161,16 @@ impl Owner {
             }),
             started: Instant::now(),
             vips: None,
+            events: None,
         }
+    }
+
+    /// Starts the NAT event log (`[events] log`).
+    pub(crate) fn start_event_log(&mut self, log: &crate::events::EventLog) -> Result<()> {
+        let (names, rx) = tokio::sync::watch::channel(self.names_by_slot.clone());
+        let logger = self.dataplane.start_event_log(log, rx)?;
+        self.events = Some((logger, names));
+        Ok(())
     }
 
     /// Sends the VIP prefixes of every applied rule change to `vips` (see `announce`).
@@ -345,6 +359,9 @@ impl Owner {
         self.rules = rule_infos(&model, &compiled);
         self.names_by_slot = names_after(&self.names_by_slot, &self.rules);
         self.names = rule_names(&self.names_by_slot);
+        if let Some((_, names)) = &self.events {
+            names.send_replace(self.names_by_slot.clone());
+        }
         if let Some(gc) = self.gc.as_mut() {
             gc.set_ports(PortCapacity::from_rules(&model.snat));
         }
@@ -472,6 +489,10 @@ impl Owner {
             generation: self.generation,
             conntrack,
             applies: self.applies.all(),
+            events_dropped: self.events.as_ref().map(|(logger, _)| {
+                logger.dropped.load(std::sync::atomic::Ordering::Relaxed)
+                    + self.dataplane.kernel_event_drops().unwrap_or(0)
+            }),
         })
     }
 

@@ -238,6 +238,9 @@ pub fn restart_only_differences(running: &ConfigFile, file: &ConfigFile) -> Vec<
     if running.announce != file.announce {
         out.push("[announce]");
     }
+    if running.events != file.events {
+        out.push("[events]");
+    }
     out
 }
 

@@ -179,6 +179,7 @@ fn representative_view() -> ScrapeView {
         ],
         generation: 3,
         applies: ApplyCounts::default().all(),
+        events_dropped: Some(2),
         conntrack: Some(ConntrackView {
             sessions: 1234,
             capacity: 262_144,

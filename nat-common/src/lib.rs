@@ -9,6 +9,7 @@
 
 pub mod checksum;
 pub mod conntrack;
+pub mod events;
 pub mod icmp;
 pub mod ipv4;
 pub mod maps;

@@ -44,6 +44,14 @@ pub const REASON_SLOTS: u32 = 64;
 /// Entries of [`FORWARD_COUNTERS`]: room for forwarding results yet to come.
 pub const FORWARD_RESULT_SLOTS: u32 = 16;
 
+/// Ring buffer of [`crate::events::SessionEvent`]s (session created), read by the agent when
+/// the event log is on.
+pub const SESSION_EVENTS: &str = "SESSION_EVENTS";
+/// Array of one `u32`: [`crate::events::EVENTS_ON`] turns the create events on.
+pub const EVENT_CONFIG: &str = "EVENT_CONFIG";
+/// Per-CPU array of one `u64`: events dropped because the ring buffer was full.
+pub const EVENT_DROPS: &str = "EVENT_DROPS";
+
 /// Version of the state pinned across restarts (`[agent] state_dir`): the layout and meaning
 /// of every pinned map. Bump it with any change to a pinned map's key, value or size, or to
 /// the meaning of its contents; an agent never reuses state of another version (see

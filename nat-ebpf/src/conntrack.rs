@@ -200,6 +200,9 @@ pub fn create(
             return Err(refuse(Reason::TableFull));
         }
     };
+    if created {
+        crate::events::session_created(key, &session);
+    }
     let Some(stored) = SESSIONS.get_ptr_mut(key) else {
         return Err(Reason::TableFull);
     };

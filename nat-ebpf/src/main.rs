@@ -12,6 +12,7 @@
 mod baseline;
 mod conntrack;
 mod dnat;
+mod events;
 mod fib;
 mod forward;
 mod icmp;

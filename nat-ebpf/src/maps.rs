@@ -4,10 +4,11 @@
 use crate::newflow::NewFlow;
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
 };
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
+    events::EVENT_RING_BYTES,
     maps::{
         banked, BankedPrefix, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, FORWARD_RESULT_SLOTS,
         MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, PROGRAMS_LEN,
@@ -105,6 +106,18 @@ pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 /// Ingress interface index -> `FORWARD_*` flags (absent: the kernel forwards).
 #[map(name = "IFACE_FORWARD")]
 pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Session events for the agent's event log (see `nat_common::events`).
+#[map(name = "SESSION_EVENTS")]
+pub static SESSION_EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// Entry 0: `EVENTS_ON` when the event log is on. Written by the agent.
+#[map(name = "EVENT_CONFIG")]
+pub static EVENT_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Entry 0: session events dropped because the ring buffer was full.
+#[map(name = "EVENT_DROPS")]
+pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Packets per [`ForwardResult`]: what happened to translated packets after translation.
 #[map(name = "FORWARD_COUNTERS")]

@@ -60,8 +60,15 @@ pub trait SessionStore {
         if self.replies().get(&reply_key)? == Some(*key) {
             self.replies().remove(&reply_key)?;
         }
+        if removed {
+            self.session_deleted(key, session);
+        }
         Ok(removed)
     }
+
+    /// Called once per session [`SessionStore::delete_session`] removed (expired by the sweep
+    /// or deleted through the API), with the session as last read: the event log's hook.
+    fn session_deleted(&mut self, _key: &FlowKey, _session: &Session) {}
 
     /// Deletes one endpoint mapping: the `MAPPINGS` entry first (no new session can pick it up
     /// after that), then the port claim in `BINDINGS`, keyed by `mapping.external`, but only if
@@ -172,6 +179,8 @@ pub struct KernelSessions {
     replies: BpfTable<FlowKey, FlowKey>,
     mappings: BpfTable<Endpoint, Mapping>,
     bindings: BpfTable<Endpoint, Endpoint>,
+    /// Where deleted sessions are reported when the event log is on.
+    deleted: Option<crate::events::DeletionSink>,
 }
 
 impl KernelSessions {
@@ -183,7 +192,13 @@ impl KernelSessions {
             replies: BpfTable::new(REPLIES, replies)?,
             mappings: BpfTable::new(MAPPINGS, mappings)?,
             bindings: BpfTable::new(BINDINGS, bindings)?,
+            deleted: None,
         })
+    }
+
+    /// Reports every deleted session to `sink` from now on (the event log).
+    pub fn report_deletions(&mut self, sink: crate::events::DeletionSink) {
+        self.deleted = Some(sink);
     }
 }
 
@@ -199,6 +214,11 @@ impl SessionStore for KernelSessions {
     }
     fn bindings(&mut self) -> &mut dyn KvTable<Endpoint, Endpoint> {
         &mut self.bindings
+    }
+    fn session_deleted(&mut self, key: &FlowKey, session: &Session) {
+        if let Some(sink) = &self.deleted {
+            sink.report(key, session);
+        }
     }
 }
 
