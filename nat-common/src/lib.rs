@@ -7,6 +7,7 @@
 //! kernel program must agree on every byte.
 #![cfg_attr(not(test), no_std)]
 
+pub mod bench;
 pub mod checksum;
 pub mod conntrack;
 pub mod events;

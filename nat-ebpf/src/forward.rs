@@ -59,7 +59,7 @@ fn count(result: ForwardResult) {
 
 /// FIB lookup, MAC rewrite, TTL decrement and redirect; any failure leaves the frame intact.
 #[inline(always)]
-fn route(ctx: &XdpContext) -> ForwardResult {
+pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return ForwardResult::NoRoute;
     };

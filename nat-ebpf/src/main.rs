@@ -10,6 +10,7 @@
 #![feature(asm_experimental_arch)]
 
 mod baseline;
+mod bench;
 mod conntrack;
 mod dnat;
 mod events;
@@ -60,6 +61,27 @@ pub fn xdp_parse_pass(ctx: XdpContext) -> u32 {
         Action::Drop => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
+}
+
+/// Benchmark traffic generator, run with XDP live frames (see `bench`). Never attached to a
+/// NAT interface.
+#[xdp]
+pub fn xdp_bench_gen(ctx: XdpContext) -> u32 {
+    bench::generate(&ctx)
+}
+
+/// Benchmark ceiling: the forwarding stage without NAT (see `bench`). Never attached by the
+/// agent.
+#[xdp]
+pub fn xdp_bench_redirect(ctx: XdpContext) -> u32 {
+    bench::redirect(&ctx)
+}
+
+/// Benchmark sink: drops everything (its interface counts what arrived). Never attached by
+/// the agent.
+#[xdp]
+pub fn xdp_bench_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 /// Every NAT program ends here: count the exit reason, take its action.

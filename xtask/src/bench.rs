@@ -8,6 +8,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +17,9 @@ use nat_lab::{netns::Netns, require_tools};
 
 use crate::{
     bench_kernel::{self, Plan},
-    bench_report, bench_sys, signals,
+    bench_report, bench_sys,
+    bench_topo::{self, Config, TopoPlan},
+    bench_topo_report, signals,
 };
 
 /// Options of `cargo xtask bench`.
@@ -32,6 +35,42 @@ enum BenchWhat {
     /// non-matching packet, new SNAT flows at 10/50/90% table fill, and table scale, each
     /// beside the parse-and-pass baseline. Needs root.
     Kernel(KernelArgs),
+    /// The appliance on a generator -> appliance -> sink topology of network namespaces,
+    /// against netfilter NAT, kernel forwarding and a bare XDP redirect forwarder: appliance
+    /// CPU per packet, flow, megabyte and connection. Needs root.
+    Topology(TopologyArgs),
+}
+
+/// Options of `cargo xtask bench topology`.
+#[derive(Debug, Args)]
+pub struct TopologyArgs {
+    /// A pass of a few seconds for iteration and the test suite: 2 repetitions of short
+    /// intervals, small tables. Writes no page unless --docs is given.
+    #[arg(long)]
+    quick: bool,
+
+    /// Repetitions [default: 5; --quick: 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    reps: Option<u32>,
+
+    /// Write the results into this page (it must have the topology markers), and the chart
+    /// next to it [default: docs/benchmarks.md, not with --quick].
+    #[arg(long, value_name = "PATH", conflicts_with = "no_docs")]
+    docs: Option<PathBuf>,
+
+    /// Write no page, only print.
+    #[arg(long)]
+    no_docs: bool,
+
+    /// Measure only these configurations (comma-separated keys, e.g. xdp-pass,netfilter);
+    /// ratios need netfilter and xdp-limit among them. For investigating one configuration.
+    #[arg(long, value_name = "KEYS", value_delimiter = ',')]
+    only: Vec<String>,
+
+    /// The CPU of the appliance's receive threads [default: the last one]; everything else
+    /// runs on another.
+    #[arg(long, value_name = "CPU")]
+    cpu: Option<usize>,
 }
 
 /// Options of `cargo xtask bench kernel`.
@@ -74,7 +113,102 @@ pub struct KernelArgs {
 pub fn bench(args: &BenchArgs) -> Result<()> {
     match &args.what {
         BenchWhat::Kernel(k) => kernel(k),
+        BenchWhat::Topology(t) => topology(t),
     }
+}
+
+fn topo_plan(args: &TopologyArgs, cpus: usize) -> Result<TopoPlan> {
+    if cpus < 2 {
+        bail!("bench topology needs 2 CPUs: one for the appliance, one for the rest");
+    }
+    let nat_cpu = args.cpu.unwrap_or(cpus - 1);
+    if nat_cpu >= cpus {
+        bail!("--cpu {nat_cpu}: this machine has CPUs 0 to {}", cpus - 1);
+    }
+    let other_cpu = if nat_cpu == 0 { 1 } else { 0 };
+    let ms = Duration::from_millis;
+    let plan = if args.quick {
+        TopoPlan {
+            reps: 2,
+            warmup: ms(30),
+            interval: ms(80),
+            new_flow_interval: ms(25),
+            many_flows: 1024,
+            max_sessions: 65_536,
+            iperf_bytes: 50_000_000,
+            cps_interval: ms(150),
+            nat_cpu,
+            other_cpu,
+            configs: Vec::new(),
+        }
+    } else {
+        TopoPlan {
+            reps: 5,
+            warmup: ms(150),
+            interval: ms(600),
+            new_flow_interval: ms(250),
+            many_flows: 16_384,
+            max_sessions: 1 << 20,
+            iperf_bytes: 1_000_000_000,
+            cps_interval: ms(1000),
+            nat_cpu,
+            other_cpu,
+            configs: Vec::new(),
+        }
+    };
+    let mut configs = Vec::new();
+    for key in &args.only {
+        match Config::ALL.iter().find(|c| c.key() == key) {
+            Some(c) => configs.push(*c),
+            None => bail!(
+                "--only {key}: not a configuration (one of {})",
+                Config::ALL.map(Config::key).join(", ")
+            ),
+        }
+    }
+    if configs.is_empty() {
+        configs = Config::ALL.to_vec();
+    }
+    Ok(TopoPlan {
+        reps: args.reps.unwrap_or(plan.reps),
+        configs,
+        ..plan
+    })
+}
+
+fn topology(args: &TopologyArgs) -> Result<()> {
+    signals::install()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bench topology needs root: it creates network namespaces and loads XDP programs");
+    }
+    require_tools(&[
+        "ip",
+        "sysctl",
+        "ethtool",
+        "tc",
+        "nft",
+        "conntrack",
+        "iperf3",
+        "taskset",
+    ])?;
+    let cpus = bench_sys::online_cpus();
+    let plan = topo_plan(args, cpus)?;
+    let docs = match (&args.docs, args.no_docs, args.quick) {
+        (Some(path), _, _) => Some(path.clone()),
+        (None, false, false) => Some(workspace_root()?.join("docs/benchmarks.md")),
+        _ => None,
+    };
+    let report = bench_topo::run(&plan, machine_facts(cpus))?;
+    print!("{}", report.to_text());
+    match docs {
+        Some(path) => {
+            bench_topo_report::write_docs(&path, &report)?;
+            println!("\nwrote {}", path.display());
+        }
+        None => println!("\n(no page written: --quick or --no-docs)"),
+    }
+    Ok(())
 }
 
 fn plan(args: &KernelArgs, cpus: usize) -> Result<Plan> {

@@ -198,7 +198,7 @@ fn row_cells(r: &Row) -> [String; 8] {
 }
 
 /// Left-aligned first and last columns, right-aligned numbers.
-fn text_table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+pub fn text_table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let cols = header.len();
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -227,7 +227,7 @@ fn text_table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn md_table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
+pub fn md_table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let align: Vec<&str> = (0..header.len())
         .map(|i| {
@@ -365,16 +365,27 @@ pub const TEMPLATE: &str = include_str!("bench_template.md");
 
 /// `text` with the block between the markers replaced by `block`.
 pub fn splice(text: &str, block: &str) -> Result<String> {
-    let (Some(begin), Some(end)) = (text.find(BEGIN_MARKER), text.find(END_MARKER)) else {
+    splice_block(text, BEGIN_MARKER, END_MARKER, block)
+}
+
+/// `text` with the block between `begin_marker` and `end_marker` replaced by `block`: each
+/// generator of the page owns one block, the prose around them stays.
+pub fn splice_block(
+    text: &str,
+    begin_marker: &str,
+    end_marker: &str,
+    block: &str,
+) -> Result<String> {
+    let (Some(begin), Some(end)) = (text.find(begin_marker), text.find(end_marker)) else {
         bail!(
-            "the markers are missing (they must be on lines of their own):\n  {BEGIN_MARKER}\n  \
-             {END_MARKER}\nput them back, or delete the file to have it written from the template"
+            "the markers are missing (they must be on lines of their own):\n  {begin_marker}\n  \
+             {end_marker}\nput them back, or delete the file to have it written from the template"
         );
     };
     if end < begin {
         bail!("the end marker comes before the begin marker");
     }
-    let head = &text[..begin + BEGIN_MARKER.len()];
+    let head = &text[..begin + begin_marker.len()];
     let tail = &text[end..];
     Ok(format!("{head}\n{}\n{tail}", block.trim_end()))
 }

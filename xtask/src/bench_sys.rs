@@ -13,6 +13,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h; stable ABI).
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -108,6 +109,48 @@ pub fn delete_batch<K: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<(
     unsafe { batch_call(BPF_MAP_DELETE_BATCH, &mut attr, "keys") }
 }
 
+/// The `map_elem` member of `union bpf_attr`, as `BPF_MAP_GET_NEXT_KEY` reads it.
+#[repr(C)]
+struct NextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+    flags: u64,
+}
+
+/// The key after `key` in a hash map (the first one for `None`), `None` at the end. `K` must
+/// be exactly the map's key size (as for [`update_batch`]).
+pub fn next_key<K: aya::Pod>(fd: BorrowedFd<'_>, key: Option<&K>) -> io::Result<Option<K>> {
+    // SAFETY: any bit pattern is a valid Pod; the kernel overwrites it on success.
+    let mut next: K = unsafe { std::mem::zeroed() };
+    let mut attr = NextKeyAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.map_or(0, |k| std::ptr::from_ref(k) as u64),
+        next_key: std::ptr::from_mut(&mut next) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_MAP_GET_NEXT_KEY attribute: `key` (or NULL) points at one
+    // key the kernel reads and `next_key` at one key it writes, both alive for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_NEXT_KEY,
+            std::ptr::from_mut(&mut attr),
+            size_of::<NextKeyAttr>(),
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(next));
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(err)
+}
+
 /// The kernel's memory accounting of the BPF object behind `fd` (the `memlock:` line of
 /// `/proc/self/fdinfo/<fd>`): for a hash map, its buckets and every preallocated element.
 pub fn memlock_bytes(fd: BorrowedFd<'_>) -> Result<u64> {
@@ -155,6 +198,41 @@ pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error())
             .with_context(|| format!("pinning the benchmark to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// Pins thread or process `pid` to `cpu` (the NAPI threads of the topology benchmark).
+pub fn pin_pid_to_cpu(pid: i32, cpu: usize) -> Result<()> {
+    if cpu >= 8 * size_of::<libc::cpu_set_t>() {
+        bail!("CPU {cpu} is out of range");
+    }
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET only writes inside it (checked).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is within the set's size (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("pinning pid {pid} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// Gives thread `pid` (0: the calling thread) the real-time policy `SCHED_FIFO` at `priority`.
+/// The topology benchmark's receive threads and generator use it so that, on a machine
+/// shared with other work, the threads measured get the CPU when they have packets (the
+/// kernel's real-time throttling still leaves others 5% of every second).
+pub fn set_fifo(pid: i32, priority: i32) -> Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: a valid sched_param for the duration of the call.
+    let rc = unsafe { libc::sched_setscheduler(pid, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("SCHED_FIFO {priority} for pid {pid}"));
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! - `lab`: the demo — a client, the NAT agent and a backend in network namespaces.
 //! - `bench kernel`: in-kernel cost per packet (BPF_PROG_TEST_RUN), written to
 //!   `docs/benchmarks.md`.
+//! - `bench topology`: the appliance against netfilter, kernel forwarding and a bare XDP
+//!   forwarder on a generator — appliance — sink topology, written to the same page.
 //! - `package`: the `xdp-nat` Debian package in `target/debian/`.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -15,6 +17,11 @@ mod bench_kernel;
 mod bench_packet;
 mod bench_report;
 mod bench_sys;
+mod bench_topo;
+mod bench_topo_net;
+mod bench_topo_report;
+mod bench_topo_tcp;
+mod bench_topo_xdp;
 mod config;
 mod lab;
 mod package;
@@ -33,7 +40,8 @@ enum Task {
     /// Run the demo: client -> nat (the agent) -> backend in network namespaces, curl the
     /// VIPs, then keep the lab up until Ctrl-C / SIGTERM (or --duration). Needs root.
     Lab(LabArgs),
-    /// Benchmarks (`bench kernel`: in-kernel cost per packet). Needs root.
+    /// Benchmarks (`bench kernel`: in-kernel cost per packet; `bench topology`: on a
+    /// namespace topology against netfilter). Needs root.
     Bench(bench::BenchArgs),
     /// Build the Debian package (release build) into target/debian/xdp-nat_*.deb.
     Package(package::PackageArgs),
