@@ -11,5 +11,6 @@ pub mod checksum;
 pub mod conntrack;
 pub mod ipv4;
 pub mod maps;
+pub mod ports;
 pub mod rules;
 pub mod stats;
