@@ -7,6 +7,7 @@
 mod attach;
 mod bank;
 pub mod pinned;
+pub mod ports;
 mod sessions;
 mod snat;
 mod sys;
@@ -31,11 +32,12 @@ use nat_common::{
         RULE_BANKS, SESSION_EVENTS,
     },
     maps::{
-        BINDINGS, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, ICMP_ERROR_SLOT, MAPPINGS,
-        NEW_FLOW_SLOT, PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS, SESSIONS,
-        SNAT_POOLS, SNAT_RULES, XDP_ICMP_ERROR_PROGRAM, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM,
-        XDP_RULES_PROGRAM,
+        BINDINGS, CLAIM_SLOT, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, ICMP_ERROR_SLOT,
+        MAPPINGS, NEW_FLOW_SLOT, PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS,
+        SESSIONS, SNAT_POOLS, SNAT_RULES, XDP_CLAIM_PROGRAM, XDP_ICMP_ERROR_PROGRAM,
+        XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
     },
+    maps::{PORT_BITMAPS, PORT_SPACES},
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
@@ -131,6 +133,7 @@ fn is_absent_key(e: &aya::maps::MapError) -> bool {
 /// errors dropped (`icmp_error_unavailable`), never passed untranslated.
 fn install_tail_call_programs(ebpf: &mut Ebpf) -> Result<()> {
     for (name, slot) in [
+        (XDP_CLAIM_PROGRAM, CLAIM_SLOT),
         (XDP_RULES_PROGRAM, RULES_SLOT),
         (XDP_NEW_FLOW_PROGRAM, NEW_FLOW_SLOT),
         (XDP_ICMP_ERROR_PROGRAM, ICMP_ERROR_SLOT),
@@ -519,7 +522,42 @@ impl Dataplane {
                     .with_context(|| format!("recording slot {slot} for rule {id}"))?;
             }
         }
+        // The rules are in force now; an index that cannot be made only slows allocation down
+        // (it probes instead), so it is no reason to report the change as failed.
+        if let Err(e) = self.refresh_port_spaces() {
+            warn!("updating the free-port indexes: {e:#}");
+        }
         Ok(())
+    }
+
+    /// Gives every external address and protocol the SNAT rules in force can hand out ports
+    /// on a free-port index, and drops the indexes of the others. MASQUERADE follows its
+    /// egress interface's addresses as they are now, so this runs again on the sweep timer.
+    /// Without an index a space is allocated by probing, so a failure here costs speed, not
+    /// correctness.
+    pub fn refresh_port_spaces(&mut self) -> Result<()> {
+        let Some(store) = self.sessions.as_mut() else {
+            return Ok(());
+        };
+        if store.ports().is_none() {
+            return Ok(());
+        }
+        let snat = &self.snat.compiled;
+        let has_masquerade = snat.sets.values().any(|set| {
+            set.rules[..(set.len as usize).min(set.rules.len())]
+                .iter()
+                .any(|r| r.action == nat_common::conntrack::SNAT_MASQUERADE)
+        });
+        let addresses = if has_masquerade {
+            ports::interface_addresses()?
+        } else {
+            Vec::new()
+        };
+        let desired =
+            ports::desired_spaces(&snat.sets, &snat.pools, &snat.out_interfaces, &addresses);
+        store
+            .set_port_spaces(&desired)
+            .context("updating the free-port indexes")
     }
 
     /// Resolves the SNAT rules' egress interfaces again and, if an index changed (an interface
@@ -657,7 +695,13 @@ fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
         take(MAPPINGS)?,
         take(BINDINGS)?,
     );
-    KernelSessions::new(sessions, replies, mappings, bindings).map(Some)
+    let mut store = KernelSessions::new(sessions, replies, mappings, bindings)?;
+    // The free-port indexes: optional, an object without them allocates by probing.
+    if let (Some(spaces), Some(bitmaps)) = (ebpf.take_map(PORT_SPACES), ebpf.take_map(PORT_BITMAPS))
+    {
+        store = store.with_ports(ports::PortIndex::new(spaces, bitmaps)?);
+    }
+    Ok(Some(store))
 }
 
 /// The index of interface `name` in this network namespace, if it exists.

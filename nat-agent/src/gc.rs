@@ -9,7 +9,8 @@
 //! 3. `MAPPINGS`: delete endpoint mappings no remaining session uses and that no session
 //!    started using since the pass began, each with its port claim in `BINDINGS`;
 //! 4. `BINDINGS`: count ports in use per external address and protocol, and delete claims
-//!    whose mapping is gone (after the same grace).
+//!    whose mapping is gone (after the same grace); at the end, repair the free-port indexes
+//!    from what the walk saw (`dataplane::ports`).
 //!
 //! A *run* visits at most [`GcConfig::max_visits`] entries and resumes from a cursor, so each
 //! run's cost is bounded whatever the table size; a pass may take several runs. The kernel
@@ -30,11 +31,15 @@ use anyhow::Result;
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Session, TcpState, SESSION_SNAT},
     ipv4::proto,
+    ports::{PortBitmap, PortSpace},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
-    dataplane::{SessionStore, Walk},
+    dataplane::{
+        ports::{note_claim, Claimed, Repair},
+        SessionStore, Walk,
+    },
     model::{PortRange, SnatAction, SnatRule, Timeouts},
 };
 
@@ -327,6 +332,8 @@ pub struct GcStatus {
     pub ports: Vec<PortUse>,
     /// The pressure found by the last run, if any.
     pub pressure: Option<Pressure>,
+    /// Free-port index bits the sweep's repairs set and cleared since start.
+    pub index_repairs: Repair,
 }
 
 /// What one run did.
@@ -365,6 +372,10 @@ struct Pass {
     in_use: HashSet<u64>,
     sessions_kept: u64,
     ports: BTreeMap<(Ipv4Addr, u8), u64>,
+    /// The free-port indexes as they were when the bindings walk began.
+    index_before: Option<BTreeMap<PortSpace, Box<PortBitmap>>>,
+    /// The claims the bindings walk saw, per space.
+    claimed: Claimed,
 }
 
 impl Pass {
@@ -378,6 +389,8 @@ impl Pass {
             in_use: HashSet::new(),
             sessions_kept: 0,
             ports: BTreeMap::new(),
+            index_before: None,
+            claimed: Claimed::new(),
         }
     }
 }
@@ -685,6 +698,9 @@ impl Gc {
     ) -> Result<Step> {
         // Entry, its mapping's lookup, and two more reads for a confirmed orphan.
         let limit = budget.page(4);
+        if pass.index_before.is_none() {
+            pass.index_before = Some(store.port_snapshot());
+        }
         let Walk::Page { entries, next } = store
             .bindings()
             .walk(pass.endpoint_cursor.as_ref(), limit)?
@@ -692,6 +708,8 @@ impl Gc {
             budget.spend(1);
             pass.endpoint_cursor = None;
             pass.ports.clear();
+            pass.claimed.clear();
+            pass.index_before = Some(store.port_snapshot());
             return Ok(Step::Continue);
         };
         budget.spend(entries.len().max(1));
@@ -706,6 +724,7 @@ impl Gc {
                     && !binding_is_owned(store, &external, &inside)?
                 {
                     store.bindings().remove(&external)?;
+                    store.port_released(&external);
                     self.status.orphans_removed += 1;
                     counted = false;
                 }
@@ -716,14 +735,26 @@ impl Gc {
                     .ports
                     .entry((Ipv4Addr::from(external.addr), external.proto))
                     .or_default() += 1;
+                note_claim(&mut pass.claimed, &external);
             }
         }
         pass.endpoint_cursor = next;
-        Ok(if next.is_none() {
-            Step::PassDone
-        } else {
-            Step::Continue
-        })
+        if next.is_some() {
+            return Ok(Step::Continue);
+        }
+        if let Some(before) = pass.index_before.take() {
+            let repair = store.repair_ports(&before, &pass.claimed)?;
+            if repair != Repair::default() {
+                debug!(
+                    set = repair.set,
+                    cleared = repair.cleared,
+                    "free-port indexes repaired"
+                );
+            }
+            self.status.index_repairs.set += repair.set;
+            self.status.index_repairs.cleared += repair.cleared;
+        }
+        Ok(Step::PassDone)
     }
 
     fn finish_pass(&mut self, pass: Pass) {

@@ -177,7 +177,8 @@ impl Metrics {
         )?;
         let allocation_failures = IntCounter::new(
             "xdpnat_snat_allocation_failures_total",
-            "New flows refused because no external port was free after bounded probing",
+            "New flows refused for want of an external port (packets_total reasons no_port, \
+             ports_contended, no_port_probed)",
         )?;
         let refused = IntCounterVec::new(
             Opts::new(
@@ -322,7 +323,12 @@ impl Metrics {
     fn render_conntrack(&self, view: &ScrapeView) {
         let reason = |r: Reason| view.stats.reasons.get(r as usize).copied().unwrap_or(0);
         self.allocation_failures.reset();
-        self.allocation_failures.inc_by(reason(Reason::NoPort));
+        self.allocation_failures.inc_by(
+            Reason::PORT_ALLOCATION_FAILURES
+                .iter()
+                .map(|&r| reason(r))
+                .sum(),
+        );
         self.refused.reset();
         for (r, label) in REFUSALS {
             self.refused.with_label_values(&[label]).inc_by(reason(r));
@@ -443,7 +449,9 @@ mod tests {
             ..Default::default()
         };
         view.stats.reasons = vec![0; Reason::COUNT as usize];
-        view.stats.reasons[Reason::NoPort as usize] = 4;
+        view.stats.reasons[Reason::NoPort as usize] = 2;
+        view.stats.reasons[Reason::PortsContended as usize] = 1;
+        view.stats.reasons[Reason::NoPortProbed as usize] = 1;
         view.stats.reasons[Reason::TableFull as usize] = 6;
         view.stats.reasons[Reason::SessionClash as usize] = 7;
         let text = m.render(&view).unwrap();

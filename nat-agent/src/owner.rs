@@ -445,6 +445,10 @@ impl Owner {
         if let Err(e) = self.dataplane.refresh_snat_interfaces() {
             warn!("re-resolving SNAT out_interfaces: {e:#}");
         }
+        // MASQUERADE's addresses come and go with the interfaces': index the current ones.
+        if let Err(e) = self.dataplane.refresh_port_spaces() {
+            warn!("updating the free-port indexes: {e:#}");
+        }
         let (Some(gc), Some(store)) = (self.gc.as_mut(), self.dataplane.sessions()) else {
             return self.gc_interval;
         };

@@ -289,7 +289,10 @@ pub const fn pool_index_for(inside: [u8; 4], len: u32) -> u32 {
 
 /// The `attempt`-th port to try (host order) in `min..=max`. Attempt 0 keeps the inside port
 /// when it is in range (port preservation, RFC 4787 REQ-3 style); later attempts walk the
-/// range from a random start so concurrent allocations rarely collide.
+/// range from `random`. The kernel passes a fresh random number for every attempt, so its
+/// probes are independent: a walk that starts inside a run of claimed ports (port
+/// preservation hands out runs) could spend every probe in it. Used only for addresses without
+/// a free-port index (`crate::ports`).
 #[inline(always)]
 pub const fn probe_port(inside_port: u16, random: u32, attempt: u32, min: u16, max: u16) -> u16 {
     if attempt == 0 && inside_port >= min && inside_port <= max {

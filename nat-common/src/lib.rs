@@ -14,5 +14,6 @@ pub mod events;
 pub mod icmp;
 pub mod ipv4;
 pub mod maps;
+pub mod ports;
 pub mod rules;
 pub mod stats;

@@ -75,20 +75,26 @@ pub const XDP_RULES_PROGRAM: &str = "xdp_nat_rules";
 /// The XDP program that translates ICMP errors (the quoted datagram included), reached from
 /// [`XDP_PROGRAM`] by tail call for every unfragmented or first-fragment ICMP error it sees.
 pub const XDP_ICMP_ERROR_PROGRAM: &str = "xdp_nat_icmp_error";
+/// The XDP program that claims a new external port for a new SNAT flow, reached from
+/// [`XDP_NEW_FLOW_PROGRAM`] by tail call (and calling it back). Split off because the claim
+/// and the session creation together exceed one BPF stack frame.
+pub const XDP_CLAIM_PROGRAM: &str = "xdp_nat_claim";
 /// Benchmark baseline in the object: parses like [`XDP_PROGRAM`] and passes. Never attached.
 pub const XDP_PARSE_PASS_PROGRAM: &str = "xdp_parse_pass";
 /// Program array the agent fills: slot [`NEW_FLOW_SLOT`] holds [`XDP_NEW_FLOW_PROGRAM`], slot
 /// [`RULES_SLOT`] holds [`XDP_RULES_PROGRAM`], slot [`ICMP_ERROR_SLOT`] holds
-/// [`XDP_ICMP_ERROR_PROGRAM`].
+/// [`XDP_ICMP_ERROR_PROGRAM`], slot [`CLAIM_SLOT`] holds [`XDP_CLAIM_PROGRAM`].
 pub const PROGRAMS: &str = "PROGRAMS";
 /// Slots in [`PROGRAMS`].
-pub const PROGRAMS_LEN: u32 = 3;
+pub const PROGRAMS_LEN: u32 = 4;
 /// Slot of the new-flow program in [`PROGRAMS`].
 pub const NEW_FLOW_SLOT: u32 = 0;
 /// Slot of the rules program in [`PROGRAMS`].
 pub const RULES_SLOT: u32 = 1;
 /// Slot of the ICMP error program in [`PROGRAMS`].
 pub const ICMP_ERROR_SLOT: u32 = 2;
+/// Slot of the port-claim program in [`PROGRAMS`].
+pub const CLAIM_SLOT: u32 = 3;
 
 /// Hash, key: original-direction [`crate::conntrack::FlowKey`], value:
 /// [`crate::conntrack::Session`]. Capacity set by the agent (`max_sessions`).
@@ -103,6 +109,17 @@ pub const BINDINGS: &str = "BINDINGS";
 pub const SNAT_RULES: &str = "SNAT_RULES";
 /// Array indexed by pool id ([`banked_pool`]), value: [`crate::conntrack::Pool`].
 pub const SNAT_POOLS: &str = "SNAT_POOLS";
+
+/// Hash, key: [`crate::ports::PortSpace`] (external address and protocol), value: the slot of
+/// its free-port index in [`PORT_BITMAPS`]. Written by the agent only; a space without an
+/// entry is allocated by probing.
+pub const PORT_SPACES: &str = "PORT_SPACES";
+/// Array (`BPF_F_MMAPABLE`) of [`crate::ports::PortBitmap`], indexed by the slots of
+/// [`PORT_SPACES`]. The kernel sets and clears bits with BPF atomics; the agent maps it into
+/// its memory and clears bits with the CPU's atomics on the same words.
+pub const PORT_BITMAPS: &str = "PORT_BITMAPS";
+/// `BPF_F_MMAPABLE` (uapi): the array's memory can be mapped into user space.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Default capacity of the session table (and of the mapping and binding tables).
 pub const DEFAULT_MAX_SESSIONS: u32 = 262_144;

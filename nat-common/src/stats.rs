@@ -44,7 +44,8 @@ pub enum Reason {
     SnatExempt = 14,
     /// The session table is full: the new flow is refused (existing flows are unaffected).
     TableFull = 15,
-    /// No free external port after bounded probing: the new flow is refused.
+    /// Every port of the rule's range on the chosen external address is claimed (its
+    /// free-port index shows none free): the new flow is refused. Pool exhaustion.
     NoPort = 16,
     /// The new flow's reply tuple is already taken by another session: refused.
     SessionClash = 17,
@@ -76,6 +77,20 @@ pub enum Reason {
     /// The ICMP error program could not be reached (not installed in `PROGRAMS`): the error
     /// is dropped rather than passed untranslated. Never expected in operation.
     IcmpErrorUnavailable = 26,
+    /// The SNAT rule's pool is missing, or holds no address for a rule that is not
+    /// MASQUERADE: the new flow is refused. An agent bug; never expected.
+    SnatPoolMissing = 27,
+    /// MASQUERADE, but the route gave no source address to translate to: the new flow is
+    /// refused rather than sent out from 0.0.0.0.
+    NoExternalAddress = 28,
+    /// The free-port index showed free ports, but every claim within the bounded tries found
+    /// its port taken (other CPUs claiming the same ports at that moment, or a stale index):
+    /// the new flow is refused although the pool is not exhausted.
+    PortsContended = 29,
+    /// No free-port index exists for the external address yet (the agent creates them), and
+    /// bounded random probing found no free port: the new flow is refused; the pool may still
+    /// have free ports.
+    NoPortProbed = 30,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -90,8 +105,13 @@ pub enum Action {
 }
 
 impl Reason {
+    /// The exits of a new flow refused for want of an external port (the allocation
+    /// failures of the metrics): pool exhausted, claims contended, probing without an index.
+    pub const PORT_ALLOCATION_FAILURES: [Reason; 3] =
+        [Reason::NoPort, Reason::PortsContended, Reason::NoPortProbed];
+
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 31;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -122,6 +142,10 @@ impl Reason {
         Reason::IcmpErrorUnmatched,
         Reason::IcmpErrorMalformed,
         Reason::IcmpErrorUnavailable,
+        Reason::SnatPoolMissing,
+        Reason::NoExternalAddress,
+        Reason::PortsContended,
+        Reason::NoPortProbed,
     ];
 
     /// The metrics label value.
@@ -154,6 +178,10 @@ impl Reason {
             Reason::IcmpErrorUnmatched => "icmp_error_unmatched",
             Reason::IcmpErrorMalformed => "icmp_error_malformed",
             Reason::IcmpErrorUnavailable => "icmp_error_unavailable",
+            Reason::SnatPoolMissing => "snat_pool_missing",
+            Reason::NoExternalAddress => "no_external_address",
+            Reason::PortsContended => "ports_contended",
+            Reason::NoPortProbed => "no_port_probed",
         }
     }
 
@@ -173,7 +201,11 @@ impl Reason {
             | Reason::SnatFragment
             | Reason::SnatProtoUnsupported
             | Reason::RstNoSession
-            | Reason::NewFlowUnavailable => Action::Drop,
+            | Reason::NewFlowUnavailable
+            | Reason::SnatPoolMissing
+            | Reason::NoExternalAddress
+            | Reason::PortsContended
+            | Reason::NoPortProbed => Action::Drop,
             // Errors about translated flows that cannot be translated: passing them would show
             // inside addresses or quotes the receiver cannot match.
             Reason::IcmpErrorUnmatched

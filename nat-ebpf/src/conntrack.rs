@@ -123,7 +123,8 @@ fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir) {
 
 /// Creates the session for the first packet of a flow and translates the packet. `to` is the
 /// packet after destination NAT (equal to `key` when there is none); `snat`, when given,
-/// translates its source too.
+/// translates its source too, to `allocation` (claimed by the new-flow stage).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn create(
     ctx: &XdpContext,
@@ -133,11 +134,23 @@ pub fn create(
     mut to: FlowKey,
     dnat_rule: Option<u32>,
     snat: Option<SnatChoice>,
+    allocation: Option<snat::Allocation>,
 ) -> Result<Reason, Reason> {
+    let inside = Endpoint {
+        addr: to.src,
+        port: to.sport,
+        proto: to.proto,
+        _pad: 0,
+    };
     let tcp_state = if l4.kind == L4Kind::Tcp {
         match TcpState::initial(l4.tcp_flags) {
             Some(state) => state as u8,
-            None => return Err(Reason::RstNoSession),
+            None => {
+                if let Some(claimed) = &allocation {
+                    snat::release(&inside, claimed);
+                }
+                return Err(Reason::RstNoSession);
+            }
         }
     } else {
         0
@@ -148,19 +161,10 @@ pub fn create(
     if dnat_rule.is_some() {
         flags |= SESSION_DNAT;
     }
-    let inside = Endpoint {
-        addr: to.src,
-        port: to.sport,
-        proto: to.proto,
-        _pad: 0,
-    };
-    let mut allocation = None;
-    if let Some(choice) = &snat {
-        let claimed = snat::allocate(&inside, choice, now)?;
+    if let Some(claimed) = &allocation {
         to.src = claimed.external.addr;
         to.sport = claimed.external.port;
         flags |= SESSION_SNAT;
-        allocation = Some(claimed);
     }
     // On refusal from here on, a port claimed just now goes back to the pool.
     let refuse = |reason: Reason| {
@@ -184,7 +188,10 @@ pub fn create(
     let session = Session {
         translated: to,
         dnat_rule: dnat_rule.unwrap_or(NO_RULE),
-        snat_rule: snat.map_or(NO_RULE, |c| c.rule_slot),
+        snat_rule: match (&snat, &allocation) {
+            (Some(c), Some(_)) => c.rule_slot,
+            _ => NO_RULE,
+        },
         created_ns: now,
         last_seen_ns: now,
         tcp_state,

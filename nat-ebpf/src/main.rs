@@ -22,6 +22,7 @@ mod nat;
 mod newflow;
 mod packet;
 mod parse;
+mod ports;
 mod rewrite;
 mod snat;
 mod stats;
@@ -52,6 +53,13 @@ pub fn xdp_nat_new_flow(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_nat_icmp_error(ctx: XdpContext) -> u32 {
     finish(&ctx, icmp::run(&ctx))
+}
+
+/// Claims a new external port for a new flow; reached only by tail call from
+/// [`xdp_nat_new_flow`], which it calls again (see `newflow`).
+#[xdp]
+pub fn xdp_nat_claim(ctx: XdpContext) -> u32 {
+    finish(&ctx, newflow::claim(&ctx))
 }
 
 /// Benchmark baseline: parse and pass (see `baseline`). Counts nothing.

@@ -10,10 +10,11 @@ use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
     events::EVENT_RING_BYTES,
     maps::{
-        banked, BankedPrefix, BANK_PREFIX_BITS, DEFAULT_MAX_SESSIONS, FORWARD_RESULT_SLOTS,
-        MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, PROGRAMS_LEN,
-        REASON_SLOTS, RULE_BANKS,
+        banked, BankedPrefix, BANK_PREFIX_BITS, BPF_F_MMAPABLE, DEFAULT_MAX_SESSIONS,
+        FORWARD_RESULT_SLOTS, MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES,
+        MAX_SNAT_PREFIXES, PROGRAMS_LEN, REASON_SLOTS, RULE_BANKS,
     },
+    ports::{PortBitmap, PortSpace, MAX_PORT_SPACES},
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
@@ -62,6 +63,19 @@ pub static MAPPINGS: HashMap<Endpoint, Mapping> =
 pub static BINDINGS: HashMap<Endpoint, Endpoint> =
     HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
 
+/// External address + protocol -> slot of its free-port index in [`PORT_BITMAPS`]. Only the
+/// agent writes it (the kernel cannot allocate an 8 KiB bitmap); a space without an entry is
+/// allocated by random probing.
+#[map(name = "PORT_SPACES")]
+pub static PORT_SPACES: HashMap<PortSpace, u32> = HashMap::with_max_entries(MAX_PORT_SPACES, 0);
+
+/// The free-port indexes: one bitmap of claimed ports (and of full words) per slot. A hint,
+/// `BINDINGS` is the truth (see `nat_common::ports`). Mmapable so that the agent clears bits
+/// with real atomic AND on the same memory the kernel ORs into, without losing either write.
+#[map(name = "PORT_BITMAPS")]
+pub static PORT_BITMAPS: Array<PortBitmap> =
+    Array::with_max_entries(MAX_PORT_SPACES, BPF_F_MMAPABLE);
+
 /// Bank + source prefix -> SNAT rules that can apply to it, in priority order.
 #[map(name = "SNAT_RULES")]
 pub static SNAT_RULES: LpmTrie<BankedPrefix, SnatRuleSet> =
@@ -93,8 +107,8 @@ pub fn rule_lookup<V>(
 }
 
 /// Slot 0: the new-flow program (`xdp_nat_new_flow`); slot 1: the rules program
-/// (`xdp_nat_rules`); slot 2: the ICMP error program (`xdp_nat_icmp_error`). Installed by the
-/// agent.
+/// (`xdp_nat_rules`); slot 2: the ICMP error program (`xdp_nat_icmp_error`); slot 3: the
+/// port-claim program (`xdp_nat_claim`). Installed by the agent.
 #[map(name = "PROGRAMS")]
 pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN, 0);
 

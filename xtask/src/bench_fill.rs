@@ -24,6 +24,7 @@ use std::{ops::Range, os::fd::AsFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{MapData, MapType};
+use nat_agent::dataplane::ports::PortIndex;
 use nat_common::{
     conntrack::{pool_index_for, Endpoint, FlowKey, Mapping, Session, NO_RULE, SESSION_SNAT},
     ipv4::proto,
@@ -287,12 +288,20 @@ impl Population {
         s.is_multiple_of(u64::from(self.spec.per_endpoint))
     }
 
-    /// Writes sessions `range` with their reply entries, mappings and port claims.
-    /// `snat_slot` is the counter slot of the SNAT rule the sessions claim to come from.
+    /// Writes sessions `range` with their reply entries, mappings and port claims, and marks
+    /// the claims in the free-port index (`index`, the agent's), as the program does after
+    /// every claim. `snat_slot` is the counter slot of the SNAT rule the sessions claim to
+    /// come from.
     ///
     /// Any prefix `0..n` of a population is itself a population at a lower fill level (the
     /// ports in use stay a random subset), which is how one table serves every fill level.
-    pub fn write(&self, maps: &ConntrackMaps, range: Range<u64>, snat_slot: u32) -> Result<()> {
+    pub fn write(
+        &self,
+        maps: &ConntrackMaps,
+        range: Range<u64>,
+        snat_slot: u32,
+        index: Option<&PortIndex>,
+    ) -> Result<()> {
         self.check_range(&range)?;
         let now = bench_sys::boottime_ns()?;
         let mut batch = Batch::default();
@@ -306,6 +315,9 @@ impl Population {
                 });
                 batch.external.push(f.external);
                 batch.bindings.push(f.inside);
+                if let Some(index) = index {
+                    index.mark(&f.external);
+                }
             }
             batch.session_keys.push(f.key);
             batch.sessions.push(Session {
@@ -327,8 +339,14 @@ impl Population {
     }
 
     /// Deletes sessions `range` and everything [`Population::write`] wrote for them, in the
-    /// agent's order: sessions first, then reply entries, mappings, port claims.
-    pub fn delete(&self, maps: &ConntrackMaps, range: Range<u64>) -> Result<()> {
+    /// agent's order: sessions first, then reply entries, mappings, port claims and their
+    /// bits in the free-port index.
+    pub fn delete(
+        &self,
+        maps: &ConntrackMaps,
+        range: Range<u64>,
+        index: Option<&PortIndex>,
+    ) -> Result<()> {
         self.check_range(&range)?;
         let mut start = range.start;
         while start < range.end {
@@ -345,6 +363,11 @@ impl Population {
             remove(&maps.mappings, MAPPINGS, &keys)?;
             let keys: Vec<Endpoint> = endpoints.iter().map(|f| f.external).collect();
             remove(&maps.bindings, BINDINGS, &keys)?;
+            if let Some(index) = index {
+                for external in &keys {
+                    index.release(external);
+                }
+            }
             start = end;
         }
         Ok(())

@@ -497,7 +497,12 @@ impl FilledBed {
             .ok_or_else(|| anyhow!("bench bug: no counter slot for the fill rule"))?;
         let start = Instant::now();
         population
-            .write(&maps, 0..spec.sessions, slot)
+            .write(
+                &maps,
+                0..spec.sessions,
+                slot,
+                bed.dp.sessions().and_then(|s| s.ports()),
+            )
             .with_context(|| format!("filling the {what} tables"))?;
         let fill_secs = start.elapsed().as_secs_f64();
         let mut filled = Self {
@@ -520,11 +525,20 @@ impl FilledBed {
         if sessions > self.sessions {
             let slot = self.bed.slots[&FILL_RULE_ID];
             self.population
-                .write(&self.maps, self.sessions..sessions, slot)
+                .write(
+                    &self.maps,
+                    self.sessions..sessions,
+                    slot,
+                    self.bed.dp.sessions().and_then(|s| s.ports()),
+                )
                 .with_context(|| format!("{what}: adding sessions"))?;
         } else if sessions < self.sessions {
             self.population
-                .delete(&self.maps, sessions..self.sessions)
+                .delete(
+                    &self.maps,
+                    sessions..self.sessions,
+                    self.bed.dp.sessions().and_then(|s| s.ports()),
+                )
                 .with_context(|| format!("{what}: deleting sessions"))?;
         }
         self.sessions = sessions;
@@ -868,9 +882,8 @@ pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
             "all created".to_owned()
         } else {
             format!(
-                "{no_port} of {} refused for want of a free port within {} probes (not in the mean)",
+                "{no_port} of {} refused for want of a free port (not in the mean)",
                 created + no_port,
-                nat_common::conntrack::MAX_PORT_PROBES
             )
         };
     }

@@ -7,13 +7,22 @@
 //! provided methods, so the in-memory [`MemStore`] the tests use runs exactly the same logic
 //! as the kernel store.
 
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, MapError};
-use nat_common::conntrack::{Endpoint, FlowKey, Mapping, Session};
+use nat_common::{
+    conntrack::{Endpoint, FlowKey, Mapping, Session},
+    ports::{PortBitmap, PortSpace},
+};
 
-use super::sys::map_next_key;
+use super::{
+    ports::{Claimed, PortIndex, Repair},
+    sys::map_next_key,
+};
 
 /// One step of a resumable walk over a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +81,34 @@ pub trait SessionStore {
 
     /// Deletes one endpoint mapping: the `MAPPINGS` entry first (no new session can pick it up
     /// after that), then the port claim in `BINDINGS`, keyed by `mapping.external`, but only if
-    /// it is still this inside endpoint's claim. `false` when the mapping was gone.
+    /// it is still this inside endpoint's claim, and then the claim's bit in the free-port
+    /// index. `false` when the mapping was gone.
     fn delete_mapping(&mut self, inside: &Endpoint, mapping: &Mapping) -> Result<bool> {
         let removed = self.mappings().remove(inside)?;
         if self.bindings().get(&mapping.external)? == Some(*inside) {
             self.bindings().remove(&mapping.external)?;
+            self.port_released(&mapping.external);
         }
         Ok(removed)
+    }
+
+    /// A port claim in `BINDINGS` was just deleted: its bit in the free-port index goes (see
+    /// `dataplane::ports`). Tables without an index do nothing.
+    fn port_released(&mut self, _external: &Endpoint) {}
+
+    /// Copies of the free-port indexes, taken when the sweep's bindings walk begins.
+    fn port_snapshot(&mut self) -> BTreeMap<PortSpace, Box<PortBitmap>> {
+        BTreeMap::new()
+    }
+
+    /// Repairs the free-port indexes after a complete bindings walk (see
+    /// [`PortIndex::repair`]).
+    fn repair_ports(
+        &mut self,
+        _before: &BTreeMap<PortSpace, Box<PortBitmap>>,
+        _claimed: &Claimed,
+    ) -> Result<Repair> {
+        Ok(Repair::default())
     }
 }
 
@@ -181,6 +211,8 @@ pub struct KernelSessions {
     bindings: BpfTable<Endpoint, Endpoint>,
     /// Where deleted sessions are reported when the event log is on.
     deleted: Option<crate::events::DeletionSink>,
+    /// The free-port indexes; `None` for an object without them (allocation then probes).
+    ports: Option<PortIndex>,
 }
 
 impl KernelSessions {
@@ -193,12 +225,32 @@ impl KernelSessions {
             mappings: BpfTable::new(MAPPINGS, mappings)?,
             bindings: BpfTable::new(BINDINGS, bindings)?,
             deleted: None,
+            ports: None,
         })
     }
 
     /// Reports every deleted session to `sink` from now on (the event log).
     pub fn report_deletions(&mut self, sink: crate::events::DeletionSink) {
         self.deleted = Some(sink);
+    }
+
+    /// Adds the free-port indexes.
+    pub fn with_ports(mut self, ports: PortIndex) -> Self {
+        self.ports = Some(ports);
+        self
+    }
+
+    /// The free-port indexes, when the object has them.
+    pub fn ports(&self) -> Option<&PortIndex> {
+        self.ports.as_ref()
+    }
+
+    /// Makes the indexed spaces exactly `desired` (see [`PortIndex::set_spaces`]).
+    pub fn set_port_spaces(&mut self, desired: &BTreeSet<PortSpace>) -> Result<()> {
+        match &mut self.ports {
+            Some(ports) => ports.set_spaces(desired, &self.bindings),
+            None => Ok(()),
+        }
     }
 }
 
@@ -218,6 +270,27 @@ impl SessionStore for KernelSessions {
     fn session_deleted(&mut self, key: &FlowKey, session: &Session) {
         if let Some(sink) = &self.deleted {
             sink.report(key, session);
+        }
+    }
+    fn port_released(&mut self, external: &Endpoint) {
+        if let Some(ports) = &self.ports {
+            ports.release(external);
+        }
+    }
+    fn port_snapshot(&mut self) -> BTreeMap<PortSpace, Box<PortBitmap>> {
+        self.ports
+            .as_ref()
+            .map(PortIndex::snapshot)
+            .unwrap_or_default()
+    }
+    fn repair_ports(
+        &mut self,
+        before: &BTreeMap<PortSpace, Box<PortBitmap>>,
+        claimed: &Claimed,
+    ) -> Result<Repair> {
+        match &self.ports {
+            Some(ports) => ports.repair(before, claimed, &self.bindings),
+            None => Ok(Repair::default()),
         }
     }
 }

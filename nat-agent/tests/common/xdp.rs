@@ -246,38 +246,46 @@ impl Fixture {
         }
     }
 
-    /// A second handle on the map `name` of this fixture's `xdp_nat` program (found through
-    /// the program's map ids, so parallel fixtures never see each other's maps): for writes
+    /// A second handle on the map `name` of this fixture's programs (found through
+    /// the programs' map ids, so parallel fixtures never see each other's maps): for writes
     /// the agent's API does not offer, such as filling `SESSIONS` with synthetic entries.
-    pub fn program_map(&self, name: &str) -> MapData {
-        let program = self
-            .dataplane
-            .program()
-            .unwrap_or_else(|e| panic!("the loaded object has no XDP program: {e:#}"));
-        let info = program
-            .info()
-            .unwrap_or_else(|e| panic!("reading the program's info: {e:#}"));
-        let ids = info
-            .map_ids()
-            .unwrap_or_else(|e| panic!("reading the program's map ids: {e:#}"))
-            .expect("the kernel reports no map ids for the program");
-        for id in ids {
-            let map = MapData::from_id(id).unwrap_or_else(|e| panic!("opening map id {id}: {e:#}"));
-            let map_name = map
+    pub fn program_map(&mut self, name: &str) -> MapData {
+        // The attached program first, then the port-claim program (the only user of
+        // `BINDINGS` and the free-port index maps since it was split off).
+        for program in [
+            nat_common::maps::XDP_PROGRAM,
+            nat_common::maps::XDP_CLAIM_PROGRAM,
+        ] {
+            let program = self
+                .dataplane
+                .loaded_program(program)
+                .unwrap_or_else(|e| panic!("the loaded object has no program {program}: {e:#}"));
+            let info = program
                 .info()
-                .unwrap_or_else(|e| panic!("reading map id {id}'s info: {e:#}"))
-                .name_as_str()
-                .map(str::to_owned);
-            if map_name.as_deref() == Some(name) {
-                return map;
+                .unwrap_or_else(|e| panic!("reading the program's info: {e:#}"));
+            let ids = info
+                .map_ids()
+                .unwrap_or_else(|e| panic!("reading the program's map ids: {e:#}"))
+                .expect("the kernel reports no map ids for the program");
+            for id in ids {
+                let map =
+                    MapData::from_id(id).unwrap_or_else(|e| panic!("opening map id {id}: {e:#}"));
+                let map_name = map
+                    .info()
+                    .unwrap_or_else(|e| panic!("reading map id {id}'s info: {e:#}"))
+                    .name_as_str()
+                    .map(str::to_owned);
+                if map_name.as_deref() == Some(name) {
+                    return map;
+                }
             }
         }
-        panic!("the xdp_nat program uses no map named {name:?}")
+        panic!("neither xdp_nat nor xdp_nat_claim uses a map named {name:?}")
     }
 
     /// [`Fixture::program_map`] as an `aya::maps::Map::HashMap`, ready for
     /// `aya::maps::HashMap::try_from`.
-    pub fn program_hash_map(&self, name: &str) -> Map {
+    pub fn program_hash_map(&mut self, name: &str) -> Map {
         Map::HashMap(self.program_map(name))
     }
 
