@@ -297,7 +297,10 @@ impl Owner {
             )
         })?;
         let changes = ruleset::diff(&self.running, &next);
-        if dry_run || changes.is_empty() {
+        // `[[bypass]]` entries are not rules of the API (they come from the file, and a reload
+        // applies them), so a reload that changes only them is still a change to apply.
+        let bypass_changed = self.running.bypass != next.bypass;
+        if dry_run || (changes.is_empty() && !bypass_changed) {
             return Ok(ApplyReport {
                 dry_run,
                 applied: false,
@@ -412,6 +415,10 @@ impl Owner {
         // heartbeat to notice an SNAT out_interface appearing.
         if let Err(e) = self.dataplane.refresh_snat_interfaces() {
             warn!("re-resolving SNAT out_interfaces: {e:#}");
+        }
+        // ... and this host's addresses changing (packets to them are never translated).
+        if let Err(e) = self.dataplane.refresh_local_addresses() {
+            warn!("updating the local addresses: {e:#}");
         }
         let (Some(gc), Some(store)) = (self.gc.as_mut(), self.dataplane.sessions()) else {
             return self.gc_interval;

@@ -7,8 +7,10 @@
 //! kernel program must agree on every byte.
 #![cfg_attr(not(test), no_std)]
 
+pub mod bypass;
 pub mod checksum;
 pub mod conntrack;
+pub mod frag;
 pub mod icmp;
 pub mod ipv4;
 pub mod maps;

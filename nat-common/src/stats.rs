@@ -23,8 +23,9 @@ pub enum Reason {
     MalformedIpv4 = 5,
     /// A rule matched but the TCP/UDP/ICMP header is cut short: dropped, never rewritten.
     TruncatedL4 = 6,
-    /// A fragment that a port-matching rule would need ports for: passed untouched, because
-    /// rewriting it without the first fragment's ports would be guessing.
+    /// A later fragment that a port-matching rule would need ports for, and whose first
+    /// fragment's translation is not remembered (it came first, was evicted or is too old):
+    /// passed untouched, because rewriting it without the first fragment would be guessing.
     FragmentUnmatched = 7,
     /// An ICMP error passed untouched: it quotes traffic no rule translates (the appliance's
     /// own, routed traffic, an exempt flow), is addressed to this host, or is a redirect.
@@ -48,8 +49,10 @@ pub enum Reason {
     NoPort = 16,
     /// The new flow's reply tuple is already taken by another session: refused.
     SessionClash = 17,
-    /// A fragment that needs source NAT: dropped until fragments are tracked, because passing
-    /// it would leak the inside address.
+    /// A later fragment that needs source NAT and whose first fragment's translation is not
+    /// remembered (it arrived before the first fragment, or the entry was evicted or is too
+    /// old): dropped, because passing it would leak the inside address (and nobody could
+    /// reassemble it with the translated first fragment anyway).
     SnatFragment = 18,
     /// A protocol SNAT cannot translate (not TCP, UDP or ICMP echo): dropped rather than leaked.
     SnatProtoUnsupported = 19,
@@ -76,6 +79,22 @@ pub enum Reason {
     /// The ICMP error program could not be reached (not installed in `PROGRAMS`): the error
     /// is dropped rather than passed untranslated. Never expected in operation.
     IcmpErrorUnavailable = 26,
+    /// A later fragment (offset > 0) translated like its first fragment, from the fragment
+    /// cache: IP addresses and header checksum only.
+    FragmentTranslated = 27,
+    /// A configured `[[bypass]]` entry matched: the kernel's, passed untouched before sessions
+    /// and rules are looked at.
+    Bypass = 28,
+    /// A packet addressed to this host (one of its addresses, a directed broadcast, multicast)
+    /// that would otherwise start an SNAT session or get a stateless DNAT reply rewrite: the
+    /// kernel's, passed untouched. Replies of translated flows to an external address are
+    /// not this: sessions come first.
+    LocalDestination = 29,
+    /// Hairpinning (an inside host to another inside host's external endpoint) with no SNAT
+    /// rule translating the sender for that inside destination: the destination would answer
+    /// the sender directly, past the NAT, so the packet is not translated; the kernel gets it
+    /// (addressed to one of its addresses, it answers as for a closed port).
+    HairpinNoSnat = 30,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -91,7 +110,7 @@ pub enum Action {
 
 impl Reason {
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 31;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -122,6 +141,10 @@ impl Reason {
         Reason::IcmpErrorUnmatched,
         Reason::IcmpErrorMalformed,
         Reason::IcmpErrorUnavailable,
+        Reason::FragmentTranslated,
+        Reason::Bypass,
+        Reason::LocalDestination,
+        Reason::HairpinNoSnat,
     ];
 
     /// The metrics label value.
@@ -154,6 +177,10 @@ impl Reason {
             Reason::IcmpErrorUnmatched => "icmp_error_unmatched",
             Reason::IcmpErrorMalformed => "icmp_error_malformed",
             Reason::IcmpErrorUnavailable => "icmp_error_unavailable",
+            Reason::FragmentTranslated => "fragment_translated",
+            Reason::Bypass => "bypass",
+            Reason::LocalDestination => "local_destination",
+            Reason::HairpinNoSnat => "hairpin_no_snat",
         }
     }
 
@@ -165,7 +192,8 @@ impl Reason {
             | Reason::SessionNew
             | Reason::SessionOrig
             | Reason::SessionReply
-            | Reason::IcmpErrorTranslated => Action::Translated,
+            | Reason::IcmpErrorTranslated
+            | Reason::FragmentTranslated => Action::Translated,
             // Refused new flows: passing them would send the inside address out untranslated.
             Reason::TableFull
             | Reason::NoPort
@@ -189,7 +217,10 @@ impl Reason {
             | Reason::VlanStacked
             | Reason::ProtoUnsupported
             | Reason::SnatExempt
-            | Reason::TtlExpiring => Action::Pass,
+            | Reason::TtlExpiring
+            | Reason::Bypass
+            | Reason::LocalDestination
+            | Reason::HairpinNoSnat => Action::Pass,
         }
     }
 }

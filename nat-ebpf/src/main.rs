@@ -14,6 +14,7 @@ mod conntrack;
 mod dnat;
 mod fib;
 mod forward;
+mod frag;
 mod icmp;
 mod maps;
 mod nat;
