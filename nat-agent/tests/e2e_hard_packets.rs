@@ -171,20 +171,24 @@ fn a_fragmented_4000_byte_udp_datagram_crosses_the_nat_whole_both_ways() -> Resu
          \x20   s.sendto(got if got == want else b'bad %d' % len(got), peer)\n"
     );
     let _server = spawn_python_server(lab.public.name(), &server, &[7100], "big-udp-echo")?;
+    // The client retries (bounded: 20 attempts) while the server is still starting: until it
+    // binds, the public host answers port unreachable, which the socket reports as refused.
     let client = format!(
-        "import socket\n\
+        "import socket, time\n\
          data = {BIG_UDP_PAYLOAD}\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          s.settimeout(1)\n\
          s.connect(('{server}', 7100))\n\
          got = b'no answer'\n\
-         for attempt in range(5):\n\
-         \x20   s.send(data)\n\
+         for attempt in range(20):\n\
          \x20   try:\n\
+         \x20       s.send(data)\n\
          \x20       got = s.recv(65535)\n\
          \x20       break\n\
          \x20   except socket.timeout:\n\
          \x20       pass\n\
+         \x20   except ConnectionRefusedError:\n\
+         \x20       time.sleep(0.2)\n\
          print('whole' if got == data else 'got %r' % got[:40])\n",
         server = SnatLab::PUBLIC_ADDR
     );
