@@ -6,6 +6,7 @@
 //! apply to the packet's address, and the kernel takes the first that matches protocol and
 //! port: the same answer as walking the config top to bottom.
 
+mod bypass;
 pub mod snat;
 mod stateful;
 
@@ -44,6 +45,8 @@ pub struct Compiled {
     /// DNAT rules that get a session per flow because their replies are ambiguous, in config
     /// order.
     pub stateful: Vec<StatefulRule>,
+    /// The bypass trie: destination prefix -> entries that can apply to it.
+    pub bypass: BTreeMap<Ipv4Net, nat_common::bypass::BypassSet>,
 }
 
 /// Compiles `model`. Rule ids keep the counter slot they have in `history` (so counters carry
@@ -70,12 +73,16 @@ pub fn compile(model: &Model, previous: &BTreeMap<u32, u32>) -> Result<Compiled,
     let snat = snat::compile_snat(&model.snat, &slots)
         .map_err(|p| problems.extend(p))
         .ok();
-    match (dnat, snat) {
-        (Some(dnat), Some(snat)) if problems.is_empty() => Ok(Compiled {
+    let bypass = bypass::compile_bypass(&model.bypass)
+        .map_err(|p| problems.extend(p))
+        .ok();
+    match (dnat, snat, bypass) {
+        (Some(dnat), Some(snat), Some(bypass)) if problems.is_empty() => Ok(Compiled {
             dnat,
             snat,
             slots,
             stateful,
+            bypass,
         }),
         _ => Err(problems),
     }
@@ -293,6 +300,7 @@ mod tests {
             interfaces: Vec::new(),
             dnat,
             snat,
+            bypass: Vec::new(),
             conntrack: Conntrack::default(),
         }
     }

@@ -23,6 +23,10 @@ pub struct ConfigFile {
     /// Source NAT rules, in priority order (first match wins).
     #[serde(default)]
     pub snat: Vec<SnatEntry>,
+    /// Traffic passed to the kernel untouched before sessions and rules (health probes,
+    /// management access).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bypass: Vec<BypassEntry>,
     /// Connection tracking: table size, timeouts, expiry sweep.
     #[serde(default)]
     pub conntrack: ConntrackSection,
@@ -129,6 +133,23 @@ pub struct SnatEntry {
     pub no_nat: Option<bool>,
     /// External ports, `"1024-65535"` by default.
     pub port_range: Option<PortSpec>,
+}
+
+/// `[[bypass]]`: packets matching it are the kernel's, never translated (a cloud platform's
+/// health probes, management access to the appliance, destinations exempt from the NAT).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BypassEntry {
+    /// Name for messages (optional; bypass entries have no counters of their own).
+    pub name: Option<String>,
+    /// Source address or prefix matched; any when absent.
+    pub source: Option<String>,
+    /// Destination address or prefix matched; any when absent.
+    pub destination: Option<String>,
+    /// `tcp`, `udp` or `icmp`; any protocol when absent.
+    pub protocol: Option<String>,
+    /// Destination port or range matched (needs `tcp` or `udp`).
+    pub port: Option<PortSpec>,
 }
 
 /// `[[interfaces]]`.

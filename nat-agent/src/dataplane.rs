@@ -17,7 +17,13 @@ pub use bank::BANK_GRACE;
 pub use sessions::{BpfTable, KernelSessions, KvTable, MemStore, SessionStore, Walk};
 pub use snat::{reconcile_snat, SnatTables};
 
-use std::{collections::BTreeMap, ffi::CString, path::PathBuf, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::Instant,
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
@@ -27,6 +33,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use nat_common::{
+    bypass::BypassSet,
     maps::{
         BankedPrefix, EVENT_CONFIG, EVENT_DROPS, FORWARD_COUNTERS, MAX_POOLS, MAX_RULES, RULE_BANK,
         RULE_BANKS, SESSION_EVENTS,
@@ -37,6 +44,7 @@ use nat_common::{
         SESSIONS, SNAT_POOLS, SNAT_RULES, XDP_CLAIM_PROGRAM, XDP_ICMP_ERROR_PROGRAM,
         XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
     },
+    maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS},
     maps::{PORT_BITMAPS, PORT_SPACES},
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
@@ -460,7 +468,43 @@ impl Dataplane {
                 warn!(interface = name, "out_interface does not exist (yet): its SNAT rules match nothing until it appears");
             }
         }
-        self.write_bank(compiled, ifindex)
+        self.write_bank(compiled, ifindex)?;
+        self.refresh_local_addresses()?;
+        Ok(())
+    }
+
+    /// Writes this host's current addresses (and directed broadcasts) into `LOCAL_ADDRS`, so
+    /// that packets addressed to the appliance itself never start an SNAT session. Run with
+    /// every rule change and every expiry sweep (addresses change: DHCP, an operator); returns
+    /// whether anything changed.
+    pub fn refresh_local_addresses(&mut self) -> Result<bool> {
+        let Some(map) = self.ebpf.map_mut(LOCAL_ADDRS) else {
+            return Ok(false);
+        };
+        let mut table: aya::maps::HashMap<&mut MapData, [u8; 4], u32> =
+            aya::maps::HashMap::try_from(map).with_context(|| format!("opening {LOCAL_ADDRS}"))?;
+        let desired = local_addresses().context("listing this host's addresses")?;
+        let present: BTreeSet<[u8; 4]> = table
+            .keys()
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("listing {LOCAL_ADDRS}"))?;
+        let mut changed = false;
+        for addr in desired.difference(&present) {
+            table
+                .insert(addr, 1, 0)
+                .with_context(|| format!("adding {} to {LOCAL_ADDRS}", Ipv4Addr::from(*addr)))?;
+            changed = true;
+        }
+        for addr in present.difference(&desired) {
+            table.remove(addr).with_context(|| {
+                format!("removing {} from {LOCAL_ADDRS}", Ipv4Addr::from(*addr))
+            })?;
+            changed = true;
+        }
+        if changed {
+            debug!(addresses = desired.len(), "local addresses updated");
+        }
+        Ok(changed)
     }
 
     /// The rule bank the program reads now.
@@ -495,6 +539,8 @@ impl Dataplane {
             &compiled.dnat,
         )
         .with_context(|| format!("writing the DNAT rules into rule bank {target}"))?;
+        write_bypass(&mut self.ebpf, target, &compiled.bypass)
+            .with_context(|| format!("writing the bypass entries into rule bank {target}"))?;
         let map = self
             .ebpf
             .map_mut(RULE_BANK)
@@ -702,6 +748,52 @@ fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
         store = store.with_ports(ports::PortIndex::new(spaces, bitmaps)?);
     }
     Ok(Some(store))
+}
+
+/// Brings one bank of `BYPASS` to `desired`: every desired set written (in place), then the
+/// prefixes no longer wanted removed. An object without the map takes no bypass entries.
+fn write_bypass(ebpf: &mut Ebpf, bank: u32, desired: &BTreeMap<Ipv4Net, BypassSet>) -> Result<()> {
+    let Some(map) = ebpf.map_mut(BYPASS) else {
+        if desired.is_empty() {
+            return Ok(());
+        }
+        bail!("the loaded XDP object has no {BYPASS} map, which [[bypass]] entries need");
+    };
+    let mut trie: LpmTrie<&mut MapData, BankedPrefix, BypassSet> =
+        LpmTrie::try_from(map).with_context(|| format!("opening {BYPASS}"))?;
+    for (prefix, set) in desired {
+        trie.insert(&bank::key(bank, *prefix), set, 0)
+            .with_context(|| format!("writing {prefix} into bank {bank} of {BYPASS}"))?;
+    }
+    let present = bank::prefixes_in(bank, trie.keys(), BYPASS)?;
+    for stale in present {
+        if !desired.contains_key(&stale) {
+            trie.remove(&bank::key(bank, stale))
+                .with_context(|| format!("removing {stale} from bank {bank} of {BYPASS}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// This host's IPv4 addresses and the directed broadcast addresses of its subnets, in the
+/// agent's network namespace (network order), at most `MAX_LOCAL_ADDRS`.
+fn local_addresses() -> Result<BTreeSet<[u8; 4]>> {
+    let mut out = BTreeSet::new();
+    for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
+        for sa in [ifa.address, ifa.broadcast].into_iter().flatten() {
+            if let Some(sin) = sa.as_sockaddr_in() {
+                out.insert(sin.ip().octets());
+            }
+        }
+    }
+    if out.len() > MAX_LOCAL_ADDRS as usize {
+        warn!(
+            addresses = out.len(),
+            "more local addresses than {LOCAL_ADDRS} holds ({MAX_LOCAL_ADDRS}); the rest may be translated like remote ones"
+        );
+        out = out.into_iter().take(MAX_LOCAL_ADDRS as usize).collect();
+    }
+    Ok(out)
 }
 
 /// The index of interface `name` in this network namespace, if it exists.

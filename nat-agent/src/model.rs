@@ -6,6 +6,7 @@
 //! DNAT and interfaces live here; `[conntrack]` and `[[snat]]` in their own submodules, which
 //! share the field parsers below.
 
+mod bypass;
 mod conntrack;
 mod snat;
 
@@ -22,6 +23,7 @@ use nat_common::{ipv4::proto, maps::MAX_RULES};
 
 use crate::config::{ConfigFile, DnatEntry, InterfaceEntry, PortSpec};
 
+pub use bypass::BypassRule;
 pub use conntrack::{Conntrack, Timeouts};
 pub use snat::{SnatAction, SnatRule, DEFAULT_SNAT_PORTS};
 
@@ -168,6 +170,8 @@ pub struct Model {
     pub dnat: Vec<DnatRule>,
     /// SNAT rules, in priority order.
     pub snat: Vec<SnatRule>,
+    /// Bypass entries, in config order (any match bypasses).
+    pub bypass: Vec<BypassRule>,
     /// Session table size, timeouts and sweep interval.
     pub conntrack: Conntrack,
     /// Whether the DNAT destination prefixes are installed as routes to announce.
@@ -317,6 +321,12 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
         });
     }
     snat::check_rule_count(config.snat.len(), &mut problems);
+    let bypass = config
+        .bypass
+        .iter()
+        .enumerate()
+        .filter_map(|(index, entry)| bypass::validate_bypass(index, entry, &mut problems))
+        .collect();
 
     let conntrack = conntrack::validate_conntrack(&config.conntrack, &mut problems);
 
@@ -330,6 +340,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             interfaces,
             dnat,
             snat,
+            bypass,
             conntrack,
             announce_vips: config.announce.vip_routes.unwrap_or(false),
             event_log,

@@ -323,7 +323,10 @@ impl Owner {
             )
         })?;
         let changes = ruleset::diff(&self.running, &next);
-        if dry_run || changes.is_empty() {
+        // `[[bypass]]` entries are not rules of the API (they come from the file, and a reload
+        // applies them), so a reload that changes only them is still a change to apply.
+        let bypass_changed = self.running.bypass != next.bypass;
+        if dry_run || (changes.is_empty() && !bypass_changed) {
             return Ok(ApplyReport {
                 dry_run,
                 applied: false,
@@ -448,6 +451,10 @@ impl Owner {
         // MASQUERADE's addresses come and go with the interfaces': index the current ones.
         if let Err(e) = self.dataplane.refresh_port_spaces() {
             warn!("updating the free-port indexes: {e:#}");
+        }
+        // ... and this host's addresses changing (packets to them are never translated).
+        if let Err(e) = self.dataplane.refresh_local_addresses() {
+            warn!("updating the local addresses: {e:#}");
         }
         let (Some(gc), Some(store)) = (self.gc.as_mut(), self.dataplane.sessions()) else {
             return self.gc_interval;

@@ -21,7 +21,7 @@ use common::{
         ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV4, ETH_P_IPV6, ICMP_DEST_UNREACH, ICMP_HLEN, IPV4_HLEN,
         PROTO_GRE, TCP_HLEN, UDP_HLEN,
     },
-    xdp::{Expect, Fixture},
+    xdp::{Dir, Expect, Fixture},
 };
 use nat_common::{ipv4::proto, stats::Reason};
 
@@ -918,18 +918,23 @@ fn port_rule_takes_priority_over_covering_netmap() {
             Packet::tcp("198.18.100.10", 81, CLIENT, 40000).build(),
         ),
     );
-    // A fragment to the web VIP would have to know its port to choose between the two rules.
-    let frag = Packet::tcp(CLIENT, 40000, "198.18.100.10", 80)
-        .with_payload(fragment_payload())
-        .fragments(&[40]);
-    for f in &frag {
-        let input = f.build();
-        fx.check(
-            "fragment to the web VIP",
-            &input,
-            &Expect::pass_unchanged(Reason::FragmentUnmatched, &input),
-        );
-    }
+    // A first fragment has its port and decides between the two rules like any packet; its
+    // later fragments follow it. A later fragment alone cannot choose: passed untouched.
+    fragmented_like_its_first(
+        &fx,
+        "fragments to the web VIP",
+        &Packet::tcp(CLIENT, 40000, "198.18.100.10", 80),
+        &Packet::tcp(CLIENT, 40000, "198.18.1.10", 8080),
+        ("web", Dir::Original),
+    );
+    fragmented_like_its_first(
+        &fx,
+        "fragments to the web VIP, other port",
+        // Another datagram between the same hosts: another IP id.
+        &Packet::tcp(CLIENT, 40001, "198.18.100.10", 81).with_ident(0x1001),
+        &Packet::tcp(CLIENT, 40001, "198.18.9.10", 81).with_ident(0x1001),
+        ("netmap", Dir::Original),
+    );
 }
 
 #[test]
@@ -1090,36 +1095,94 @@ fn ethernet_padding_is_left_untouched_and_counted() {
 // Fragments and ICMP errors
 // ---------------------------------------------------------------------------------------------
 
-/// Fragments carry no ports (later ones) or must be treated like the later ones (the first):
-/// a rule that needs ports cannot decide, so every fragment passes untouched.
-#[test]
-fn fragments_matching_only_a_port_rule_pass_unchanged() {
-    let fx = Fixture::load(PORT_RULES);
-    let datagrams = [
-        Packet::tcp(CLIENT, 40000, "198.18.100.10", 80),
-        Packet::udp(CLIENT, 40000, "198.18.100.11", 53),
-        Packet::tcp(CLIENT, 40000, "198.18.100.13", 8005),
-        Packet::tcp("198.18.1.10", 8080, CLIENT, 40000),
+/// Sends the fragments of `input` (three, cut at 40 and 80 payload bytes) out of order: the
+/// last one first, which no first fragment has announced (a port rule cannot judge it, so it
+/// passes untouched as `fragment_unmatched`); then the first, translated by `rule` into the
+/// first fragment of `expected`; then the later ones, which must get exactly the addresses of
+/// `expected` (`fragment_translated`, counted by the same rule). The outputs must reassemble
+/// into a datagram with a valid L4 checksum.
+fn fragmented_like_its_first(
+    fx: &Fixture,
+    what: &str,
+    input: &Packet,
+    expected: &Packet,
+    rule: (&'static str, Dir),
+) {
+    let inputs = input
+        .clone()
+        .with_payload(fragment_payload())
+        .fragments(&[40, 80]);
+    let wanted = expected
+        .clone()
+        .with_payload(fragment_payload())
+        .fragments(&[40, 80]);
+    let early = inputs[2].build();
+    fx.check(
+        &format!("{what}: last fragment before the first"),
+        &early,
+        &Expect::pass_unchanged(Reason::FragmentUnmatched, &early),
+    );
+    let first = match rule.1 {
+        Dir::Original => Expect::forward(rule.0, wanted[0].build()),
+        Dir::Reply => Expect::reply(rule.0, wanted[0].build()),
+    };
+    let mut outputs = vec![
+        fx.check(
+            &format!("{what}: first fragment"),
+            &inputs[0].build(),
+            &first,
+        )
+        .frame,
     ];
-    for whole in datagrams {
-        let frags = whole
-            .clone()
-            .with_payload(fragment_payload())
-            .fragments(&[40, 80]);
-        for (i, f) in frags.iter().enumerate() {
-            let input = f.build();
-            fx.check(
-                &format!(
-                    "fragment {i} (flags/offset {:#06x}) of protocol {} {} -> {}",
-                    f.frag,
-                    whole.l4.proto(),
-                    whole.src,
-                    whole.dst
-                ),
-                &input,
-                &Expect::pass_unchanged(Reason::FragmentUnmatched, &input),
-            );
-        }
+    for i in 1..inputs.len() {
+        let got = fx.check(
+            &format!("{what}: fragment {i} after the first"),
+            &inputs[i].build(),
+            &Expect::fragment(wanted[i].build(), &[rule]),
+        );
+        assert_eq!(got.l4, Some(L4Check::NotApplicable), "{what}: fragment {i}");
+        outputs.push(got.frame);
+    }
+    let refs: Vec<&[u8]> = outputs.iter().map(Vec::as_slice).collect();
+    assert_eq!(
+        verify_reassembled_l4_checksum(&refs),
+        Ok(L4Check::Valid),
+        "{what}: the translated fragments reassemble to a valid datagram"
+    );
+}
+
+/// Port rules and fragments: the first fragment carries the ports and is translated by the
+/// port rule like an unfragmented packet (port included); later fragments get the same
+/// addresses from the fragment cache. A later fragment whose first fragment was not seen
+/// cannot be judged by a port rule and passes untouched.
+#[test]
+fn fragments_of_port_rule_flows_follow_their_first_fragment() {
+    let fx = Fixture::load(PORT_RULES);
+    let cases = [
+        (
+            Packet::tcp(CLIENT, 40000, "198.18.100.10", 80),
+            Packet::tcp(CLIENT, 40000, "198.18.1.10", 8080),
+            ("web", Dir::Original),
+        ),
+        (
+            Packet::udp(CLIENT, 40000, "198.18.100.11", 53),
+            Packet::udp(CLIENT, 40000, "198.18.1.11", 5353),
+            ("dns", Dir::Original),
+        ),
+        (
+            Packet::tcp(CLIENT, 40000, "198.18.100.13", 8005),
+            Packet::tcp(CLIENT, 40000, "198.18.1.13", 9005),
+            ("range", Dir::Original),
+        ),
+        (
+            Packet::tcp("198.18.1.10", 8080, CLIENT, 40000),
+            Packet::tcp("198.18.100.10", 80, CLIENT, 40000),
+            ("web", Dir::Reply),
+        ),
+    ];
+    for (input, expected, rule) in cases {
+        let what = format!("{} {} -> {}", input.l4.proto(), input.src, input.dst);
+        fragmented_like_its_first(&fx, &what, &input, &expected, rule);
     }
     // Protocol alone rules the port rule out, so no guessing is needed: no match.
     let udp_to_web = Packet::udp(CLIENT, 40000, "198.18.100.10", 80)
@@ -1181,9 +1244,16 @@ fn fragments_of_a_whole_address_rule_are_translated_consistently() {
                 .fragments(&[40, 80]);
             let mut outputs = Vec::new();
             for (i, (f, e)) in inputs.iter().zip(&expected).enumerate() {
-                let expect = match direction {
-                    "forward" => Expect::forward("whole", e.build()),
-                    _ => Expect::reply("whole", e.build()),
+                let dir = if direction == "forward" {
+                    Dir::Original
+                } else {
+                    Dir::Reply
+                };
+                // Later fragments get the first fragment's addresses from the fragment cache.
+                let expect = match (i, dir) {
+                    (0, Dir::Original) => Expect::forward("whole", e.build()),
+                    (0, Dir::Reply) => Expect::reply("whole", e.build()),
+                    _ => Expect::fragment(e.build(), &[("whole", dir)]),
                 };
                 let label = format!("{what}, {} option bytes, fragment {i}", opts.len());
                 let got = fx.check(&label, &f.build(), &expect);

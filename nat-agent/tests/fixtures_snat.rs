@@ -29,7 +29,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use common::{
-    packet::{addr, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_MF, L4, PROTO_GRE, UDP_HLEN},
+    packet::{addr, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4, PROTO_GRE, UDP_HLEN},
     xdp::{Dir, Expect, Fixture, XDP_PASS},
 };
 use nat_agent::dataplane::{interface_index, MemStore, SessionStore};
@@ -1309,7 +1309,7 @@ to_address = "203.0.113.1"
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn rst_fragments_and_unsupported_protocols_from_snat_sources_are_dropped() {
+fn rst_unannounced_fragments_and_unsupported_protocols_from_snat_sources_are_dropped() {
     let mut fx = Fixture::load(POOL);
     for (what, flags) in [("RST", RST), ("RST|ACK", RST | ACK)] {
         let p = tcp(H1, 40000, SRV, 443, flags);
@@ -1320,20 +1320,16 @@ fn rst_fragments_and_unsupported_protocols_from_snat_sources_are_dropped() {
         );
     }
     let big = Packet::udp(H1, 40000, SRV, 123).with_payload((0..100u8).collect());
+    // Later fragments whose first fragment was never seen: no ports to translate them with
+    // (fixtures_frag.rs has fragments that follow their first fragment).
     let pieces = big.fragments(&[40, 80]);
-    for (i, f) in pieces.iter().enumerate() {
+    for (i, f) in pieces.iter().enumerate().skip(1) {
         fx.check(
-            &format!("UDP fragment {i}"),
+            &format!("UDP fragment {i} without its first"),
             &f.build(),
             &Expect::drop_unchanged(Reason::SnatFragment, &f.build()),
         );
     }
-    let ping_fragment = Packet::icmp_echo(H1, SRV).with_frag(IP_MF);
-    fx.check(
-        "first fragment of an echo request",
-        &ping_fragment.build(),
-        &Expect::drop_unchanged(Reason::SnatFragment, &ping_fragment.build()),
-    );
     let gre = Packet::raw(H1, SRV, PROTO_GRE, vec![0, 0, 0x08, 0, 1, 2, 3, 4]);
     fx.check(
         "GRE",

@@ -8,9 +8,11 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod bench;
+pub mod bypass;
 pub mod checksum;
 pub mod conntrack;
 pub mod events;
+pub mod frag;
 pub mod icmp;
 pub mod ipv4;
 pub mod maps;

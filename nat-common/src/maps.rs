@@ -138,3 +138,22 @@ pub const FORWARD_XDP: u32 = 1;
 pub const MAX_INTERFACES: u32 = 256;
 /// Per-CPU array indexed by [`crate::stats::ForwardResult`], value: packet count (u64).
 pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+
+/// LRU hash, key: [`crate::frag::FragKey`] (a datagram as it arrived), value:
+/// [`crate::frag::FragEntry`] (the addresses its first fragment was translated to). A cache:
+/// not pinned, lost with the program (later fragments then go the unmatched way).
+pub const FRAGMENTS: &str = "FRAGMENTS";
+/// Capacity of [`FRAGMENTS`]: datagrams in flight whose later fragments are still to come.
+pub const MAX_FRAGMENTS: u32 = 8_192;
+
+/// LPM trie, key: [`BankedPrefix`] of the destination, value: [`crate::bypass::BypassSet`].
+pub const BYPASS: &str = "BYPASS";
+/// Most distinct destination prefixes of `[[bypass]]` entries per bank.
+pub const MAX_BYPASS_PREFIXES: u32 = 256;
+
+/// Hash, key: an IPv4 address of this host or a directed broadcast address of one of its
+/// subnets (network order), value: 1. Filled and kept current by the agent; a packet to one
+/// of them never starts an SNAT session (reason `local_destination`).
+pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+/// Capacity of [`LOCAL_ADDRS`].
+pub const MAX_LOCAL_ADDRS: u32 = 1_024;

@@ -23,8 +23,9 @@ pub enum Reason {
     MalformedIpv4 = 5,
     /// A rule matched but the TCP/UDP/ICMP header is cut short: dropped, never rewritten.
     TruncatedL4 = 6,
-    /// A fragment that a port-matching rule would need ports for: passed untouched, because
-    /// rewriting it without the first fragment's ports would be guessing.
+    /// A later fragment that a port-matching rule would need ports for, and whose first
+    /// fragment's translation is not remembered (it came first, was evicted or is too old):
+    /// passed untouched, because rewriting it without the first fragment would be guessing.
     FragmentUnmatched = 7,
     /// An ICMP error passed untouched: it quotes traffic no rule translates (the appliance's
     /// own, routed traffic, an exempt flow), is addressed to this host, or is a redirect.
@@ -49,8 +50,10 @@ pub enum Reason {
     NoPort = 16,
     /// The new flow's reply tuple is already taken by another session: refused.
     SessionClash = 17,
-    /// A fragment that needs source NAT: dropped until fragments are tracked, because passing
-    /// it would leak the inside address.
+    /// A later fragment that needs source NAT and whose first fragment's translation is not
+    /// remembered (it arrived before the first fragment, or the entry was evicted or is too
+    /// old): dropped, because passing it would leak the inside address (and nobody could
+    /// reassemble it with the translated first fragment anyway).
     SnatFragment = 18,
     /// A protocol SNAT cannot translate (not TCP, UDP or ICMP echo): dropped rather than leaked.
     SnatProtoUnsupported = 19,
@@ -91,6 +94,22 @@ pub enum Reason {
     /// bounded random probing found no free port: the new flow is refused; the pool may still
     /// have free ports.
     NoPortProbed = 30,
+    /// A later fragment (offset > 0) translated like its first fragment, from the fragment
+    /// cache: IP addresses and header checksum only.
+    FragmentTranslated = 31,
+    /// A configured `[[bypass]]` entry matched: the kernel's, passed untouched before sessions
+    /// and rules are looked at.
+    Bypass = 32,
+    /// A packet addressed to this host (one of its addresses, a directed broadcast, multicast)
+    /// that would otherwise start an SNAT session or get a stateless DNAT reply rewrite: the
+    /// kernel's, passed untouched. Replies of translated flows to an external address are
+    /// not this: sessions come first.
+    LocalDestination = 33,
+    /// Hairpinning (an inside host to another inside host's external endpoint) with no SNAT
+    /// rule translating the sender for that inside destination: the destination would answer
+    /// the sender directly, past the NAT, so the packet is not translated; the kernel gets it
+    /// (addressed to one of its addresses, it answers as for a closed port).
+    HairpinNoSnat = 34,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -111,7 +130,7 @@ impl Reason {
         [Reason::NoPort, Reason::PortsContended, Reason::NoPortProbed];
 
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 35;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -146,6 +165,10 @@ impl Reason {
         Reason::NoExternalAddress,
         Reason::PortsContended,
         Reason::NoPortProbed,
+        Reason::FragmentTranslated,
+        Reason::Bypass,
+        Reason::LocalDestination,
+        Reason::HairpinNoSnat,
     ];
 
     /// The metrics label value.
@@ -182,6 +205,10 @@ impl Reason {
             Reason::NoExternalAddress => "no_external_address",
             Reason::PortsContended => "ports_contended",
             Reason::NoPortProbed => "no_port_probed",
+            Reason::FragmentTranslated => "fragment_translated",
+            Reason::Bypass => "bypass",
+            Reason::LocalDestination => "local_destination",
+            Reason::HairpinNoSnat => "hairpin_no_snat",
         }
     }
 
@@ -193,7 +220,8 @@ impl Reason {
             | Reason::SessionNew
             | Reason::SessionOrig
             | Reason::SessionReply
-            | Reason::IcmpErrorTranslated => Action::Translated,
+            | Reason::IcmpErrorTranslated
+            | Reason::FragmentTranslated => Action::Translated,
             // Refused new flows: passing them would send the inside address out untranslated.
             Reason::TableFull
             | Reason::NoPort
@@ -221,7 +249,10 @@ impl Reason {
             | Reason::VlanStacked
             | Reason::ProtoUnsupported
             | Reason::SnatExempt
-            | Reason::TtlExpiring => Action::Pass,
+            | Reason::TtlExpiring
+            | Reason::Bypass
+            | Reason::LocalDestination
+            | Reason::HairpinNoSnat => Action::Pass,
         }
     }
 }

@@ -8,6 +8,7 @@ use nat_common::{
 };
 
 use crate::{
+    frag,
     maps::{REPLIES, SESSIONS},
     packet::frame_len,
     parse::{Ipv4Packet, L4Kind, L4},
@@ -52,6 +53,13 @@ pub fn translate_existing(
         let to = session.translated;
         rewrite(ctx, pkt, l4, key, &to)?;
         refresh(ctx, session, l4, Dir::Original);
+        frag::remember(
+            pkt,
+            &to,
+            session.dnat_rule,
+            session.snat_rule,
+            Direction::Original,
+        );
         return Ok(Some(Reason::SessionOrig));
     }
     let Some(orig) = REPLIES.get_ptr(key) else {
@@ -65,8 +73,16 @@ pub fn translate_existing(
     };
     // SAFETY: as above.
     let session = unsafe { &mut *session };
-    rewrite(ctx, pkt, l4, key, &orig.reversed())?;
+    let to = orig.reversed();
+    rewrite(ctx, pkt, l4, key, &to)?;
     refresh(ctx, session, l4, Dir::Reply);
+    frag::remember(
+        pkt,
+        &to,
+        session.dnat_rule,
+        session.snat_rule,
+        Direction::Reply,
+    );
     Ok(Some(Reason::SessionReply))
 }
 
@@ -218,6 +234,13 @@ pub fn create(
     let to = stored.translated;
     rewrite(ctx, pkt, l4, key, &to)?;
     refresh(ctx, stored, l4, Dir::Original);
+    frag::remember(
+        pkt,
+        &to,
+        stored.dnat_rule,
+        stored.snat_rule,
+        Direction::Original,
+    );
     Ok(if created {
         Reason::SessionNew
     } else {

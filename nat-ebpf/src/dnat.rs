@@ -3,13 +3,14 @@
 
 use aya_ebpf::programs::XdpContext;
 use nat_common::{
-    conntrack::FlowKey,
+    conntrack::{FlowKey, NO_RULE},
     ipv4::{icmp_is_error, proto},
     rules::{NatRule, NatRuleSet, SetMatch, MAX_RULES_PER_SET},
     stats::Reason,
 };
 
 use crate::{
+    frag,
     packet::frame_len,
     parse::{Ipv4Packet, L4Kind, L4},
     rewrite::rewrite,
@@ -28,8 +29,9 @@ pub enum Side {
 /// The first rule of `set` that applies to the packet, or `None`.
 ///
 /// Ports are consulted only when some rule for this protocol needs them, so packets no port
-/// rule cares about need no complete L4 header; fragments never match port rules (their later
-/// pieces carry no ports, and all pieces must be treated alike).
+/// rule cares about need no complete L4 header. A first fragment has its ports and matches
+/// like any packet (its later fragments follow it through `frag`); a later fragment has none,
+/// and a port rule cannot judge it.
 #[inline(always)]
 pub fn find_rule(
     pkt: &Ipv4Packet,
@@ -37,7 +39,7 @@ pub fn find_rule(
     set: &NatRuleSet,
     side: Side,
 ) -> Result<Option<NatRule>, Reason> {
-    let port = if pkt.info.is_fragment || !set.needs_port_for(pkt.proto) {
+    let port = if pkt.info.is_later_fragment || !set.needs_port_for(pkt.proto) {
         None
     } else {
         match l4.kind {
@@ -74,8 +76,8 @@ pub fn find_rule(
 #[inline(always)]
 pub fn translated(pkt: &Ipv4Packet, key: &FlowKey, rule: &NatRule, side: Side) -> FlowKey {
     let mut to = *key;
-    // Fragments keep their ports: only address-only rules apply to them.
-    let ports = !pkt.info.is_fragment;
+    // Later fragments carry no ports: only their addresses change.
+    let ports = !pkt.info.is_later_fragment;
     match side {
         Side::Destination => {
             to.dst = rule.translate_addr(key.dst);
@@ -115,5 +117,6 @@ pub fn apply_stateless(
         Side::Source => (Direction::Reply, Reason::DnatReplyTranslated),
     };
     count_rule(ctx, rule.counter_index, direction, frame_len(ctx) as u64);
+    frag::remember(pkt, &to, rule.counter_index, NO_RULE, direction);
     Ok(reason)
 }

@@ -193,6 +193,7 @@ fn read_quote(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<Quote, Reason> {
             src: ip.dst_addr,
             dst: ip.src_addr,
             ttl: ip.ttl,
+            ident: ip.id,
         },
         back_l4: L4 {
             kind: back_kind,

@@ -16,6 +16,7 @@ mod dnat;
 mod events;
 mod fib;
 mod forward;
+mod frag;
 mod icmp;
 mod maps;
 mod nat;

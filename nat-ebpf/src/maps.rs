@@ -4,15 +4,20 @@
 use crate::newflow::NewFlow;
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf,
+    },
 };
 use nat_common::{
+    bypass::BypassSet,
     conntrack::{Endpoint, FlowKey, Mapping, Pool, Session, SnatRuleSet},
     events::EVENT_RING_BYTES,
+    frag::{FragEntry, FragKey},
     maps::{
         banked, BankedPrefix, BANK_PREFIX_BITS, BPF_F_MMAPABLE, DEFAULT_MAX_SESSIONS,
-        FORWARD_RESULT_SLOTS, MAX_DNAT_PREFIXES, MAX_INTERFACES, MAX_POOLS, MAX_RULES,
-        MAX_SNAT_PREFIXES, PROGRAMS_LEN, REASON_SLOTS, RULE_BANKS,
+        FORWARD_RESULT_SLOTS, MAX_BYPASS_PREFIXES, MAX_DNAT_PREFIXES, MAX_FRAGMENTS,
+        MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, PROGRAMS_LEN,
+        REASON_SLOTS, RULE_BANKS,
     },
     ports::{PortBitmap, PortSpace, MAX_PORT_SPACES},
     rules::NatRuleSet,
@@ -85,6 +90,24 @@ pub static SNAT_RULES: LpmTrie<BankedPrefix, SnatRuleSet> =
 /// `MAX_POOLS` ids; the rule sets of a bank point only at that bank's pools.
 #[map(name = "SNAT_POOLS")]
 pub static SNAT_POOLS: Array<Pool> = Array::with_max_entries(MAX_POOLS * RULE_BANKS, 0);
+
+/// Bank + destination prefix -> `[[bypass]]` entries that can apply to it: traffic passed to
+/// the kernel untouched before anything else is looked at.
+#[map(name = "BYPASS")]
+pub static BYPASS: LpmTrie<BankedPrefix, BypassSet> =
+    LpmTrie::with_max_entries(MAX_BYPASS_PREFIXES * RULE_BANKS, 0);
+
+/// This host's addresses and directed broadcasts (network order) -> 1, kept current by the
+/// agent: a packet addressed to one of them never starts an SNAT session.
+#[map(name = "LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// A datagram as it arrived (addresses, protocol, IP id) -> the addresses its first fragment
+/// was translated to, so later fragments get the same (see `frag`). LRU on purpose: it is a
+/// cache, and an evicted entry only sends a later fragment the unmatched way.
+#[map(name = "FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry> =
+    LruHashMap::with_max_entries(MAX_FRAGMENTS, 0);
 
 /// The rule bank this program run decides with. Read once per run: a flip by the agent
 /// in the middle of a run must not mix two rule sets.

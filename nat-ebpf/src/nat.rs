@@ -2,6 +2,8 @@
 //! within the verifier's limits and established traffic runs the least code.
 //!
 //! `xdp_nat` (attached to the interfaces), [`try_translate`]:
+//! 0. traffic that is not ours: `[[bypass]]` entries (one trie lookup), straight to the kernel;
+//!    later fragments whose first fragment was translated get its addresses (`frag`);
 //! 1. known flows (sessions, either direction): one or two hash lookups;
 //! 2. stateless DNAT, forward (destination) and reverse (source of a backend's reply);
 //! 3. anything that may start a session goes on to `xdp_nat_rules` by tail call.
@@ -10,19 +12,26 @@
 //! looked up by the datagram they quote, not by their own tuple.
 //!
 //! `xdp_nat_rules`, [`try_rules`]: DNAT rules that need a session (stateful, or SNAT applies
-//! too) and SNAT rules; a new session goes on to `xdp_nat_new_flow` (`newflow`).
+//! too), hairpinning (an inside host to another inside host's external endpoint) and SNAT
+//! rules; a new session goes on to `xdp_nat_new_flow` (`newflow`). A packet that would start
+//! an SNAT session but is addressed to this host is never translated (`local_destination`).
 
 use aya_ebpf::programs::XdpContext;
 use nat_common::{
-    conntrack::FlowKey, ipv4::icmp_is_error, maps::RULES_SLOT, rules::RULE_SNAT_CHECK,
+    conntrack::{Endpoint, FlowKey},
+    ipv4::{icmp_is_error, proto},
+    maps::RULES_SLOT,
+    rules::RULE_SNAT_CHECK,
     stats::Reason,
 };
 
 use crate::{
-    conntrack,
+    conntrack::{self, same_endpoint},
     dnat::{self, Side},
-    forward, icmp,
-    maps::{rule_bank, rule_lookup, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
+    forward, frag, icmp,
+    maps::{
+        rule_bank, rule_lookup, BINDINGS, BYPASS, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES,
+    },
     newflow,
     parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     snat::{self, SnatDecision},
@@ -32,12 +41,28 @@ use crate::{
 #[inline(always)]
 pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
+    let l4 = read_l4(ctx, &pkt);
+    let bank = rule_bank();
+    // Not ours, whatever else matches: health probes, management, exempt destinations.
+    if let Some(set) = rule_lookup(&BYPASS, bank, pkt.dst) {
+        let dport = match l4.kind {
+            L4Kind::Tcp | L4Kind::Udp => Some(u16::from_be_bytes(l4.dport)),
+            _ => None,
+        };
+        if set.matches(pkt.src, pkt.proto, dport) {
+            return Err(Reason::Bypass);
+        }
+    }
     // Where XDP forwards, it is the router: a packet whose TTL runs out here goes to the kernel
     // untranslated, which answers the real sender with ICMP time exceeded quoting what it sent.
     if pkt.ttl <= 1 && forward::enabled(ctx) {
         return Err(Reason::TtlExpiring);
     }
-    let l4 = read_l4(ctx, &pkt);
+    if pkt.info.is_later_fragment {
+        if let Some(reason) = frag::translate_later(ctx, &pkt, &l4)? {
+            return Ok(reason);
+        }
+    }
     if icmp::is_error(&l4) {
         return Err(icmp::hand_over(ctx));
     }
@@ -48,7 +73,6 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
             return Ok(reason);
         }
     }
-    let bank = rule_bank();
     if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, pkt.dst) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Destination)? {
             // An SNAT check can only find something if the source has SNAT rules at all
@@ -64,6 +88,11 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     if let Some(set) = rule_lookup(&DNAT_REVERSE, bank, pkt.src) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Source)? {
+            // A backend talking to the appliance itself (its DNS, a health check the box
+            // runs) is not a reply through the NAT: the box must see the backend's address.
+            if snat::is_local(pkt.dst) {
+                return Err(Reason::LocalDestination);
+            }
             return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Source);
         }
     }
@@ -98,24 +127,45 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
     if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, pkt.dst) {
         dnat_rule = dnat::find_rule(&pkt, &l4, set, Side::Destination)?;
     }
-    let (to, check_snat, stateful) = match &dnat_rule {
-        Some(rule) => (
+    // Hairpinning: no DNAT rule, and the destination is an external endpoint the NAT holds for
+    // an inside endpoint. The flow then goes to that inside endpoint, with the sender's source
+    // translated by its SNAT rule, so the destination sees (and answers) the sender's external
+    // endpoint, as RFC 4787 REQ-9 and RFC 5382 REQ-8 ask.
+    let hairpin = if dnat_rule.is_none() && trackable {
+        hairpin_target(&key)
+    } else {
+        None
+    };
+    let (to, check_snat, stateful) = match (&dnat_rule, hairpin) {
+        (Some(rule), _) => (
             dnat::translated(&pkt, &key, rule, Side::Destination),
             rule.flags & RULE_SNAT_CHECK != 0,
             rule.is_stateful(),
         ),
-        None => (key, true, false),
+        (None, Some(inside)) => (inside, true, false),
+        (None, None) => (key, true, false),
     };
+    // One call site for the SNAT walk (DNAT, hairpin or plain): each inlined copy of its
+    // bounded loop would cost the verifier as much again.
     let decision = if check_snat && trackable {
         snat::decide(ctx, bank, &to, pkt.info.total_len as u16)
     } else {
         SnatDecision::NoRule
     };
 
+    if hairpin.is_some() {
+        return Err(match decision {
+            SnatDecision::Translate(choice) => {
+                newflow::hand_over(ctx, &key, &to, None, Some(choice))
+            }
+            _ => Reason::HairpinNoSnat,
+        });
+    }
+
     if let Some(rule) = &dnat_rule {
         let snat = match decision {
             SnatDecision::Translate(choice) => Some(choice),
-            SnatDecision::Exempt | SnatDecision::NoRule => None,
+            SnatDecision::Exempt | SnatDecision::NoRule | SnatDecision::Local => None,
         };
         if trackable && (stateful || snat.is_some()) {
             return Err(newflow::hand_over(
@@ -129,7 +179,7 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
         if stateful {
             // No tuple to track (a fragment, or a protocol without ports): its replies could
             // not be restored, so leave it to the kernel rather than translate one way only.
-            return Err(if pkt.info.is_fragment {
+            return Err(if pkt.info.is_later_fragment {
                 Reason::FragmentUnmatched
             } else {
                 Reason::ProtoUnsupported
@@ -141,6 +191,7 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
     let choice = match decision {
         SnatDecision::Translate(choice) => choice,
         SnatDecision::Exempt => return Err(Reason::SnatExempt),
+        SnatDecision::Local => return Err(Reason::LocalDestination),
         // Untrackable packets never reached `decide`: tell why they cannot be translated.
         SnatDecision::NoRule if trackable => return Err(Reason::NoMatch),
         SnatDecision::NoRule => {
@@ -148,6 +199,37 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
         }
     };
     Err(newflow::hand_over(ctx, &key, &key, None, Some(choice)))
+}
+
+/// The tuple a hairpinned packet goes on with: its destination replaced by the inside
+/// endpoint that holds the external endpoint it is addressed to. `None` when the destination
+/// is no external endpoint of the NAT (or, degenerately, is the sender's own).
+#[inline(always)]
+fn hairpin_target(key: &FlowKey) -> Option<FlowKey> {
+    if key.proto != proto::TCP && key.proto != proto::UDP {
+        return None;
+    }
+    let external = Endpoint {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        _pad: 0,
+    };
+    // SAFETY: pointer from a successful lookup; copied out at once.
+    let inside = unsafe { *BINDINGS.get_ptr(&external)? };
+    let sender = Endpoint {
+        addr: key.src,
+        port: key.sport,
+        proto: key.proto,
+        _pad: 0,
+    };
+    if same_endpoint(&inside, &sender) {
+        return None;
+    }
+    let mut to = *key;
+    to.dst = inside.addr;
+    to.dport = inside.port;
+    Some(to)
 }
 
 /// Why a packet with SNAT rules for its source but no trackable tuple is not translated.
@@ -163,9 +245,10 @@ fn untrackable_reason(
         SnatDecision::NoRule => return Reason::NoMatch,
         // Exempt traffic (an IPsec bypass, say) passes whatever its protocol.
         SnatDecision::Exempt => return Reason::SnatExempt,
+        SnatDecision::Local => return Reason::LocalDestination,
         SnatDecision::Translate(_) => {}
     }
-    if pkt.info.is_fragment {
+    if pkt.info.is_later_fragment {
         return Reason::SnatFragment;
     }
     match l4.kind {

@@ -34,6 +34,9 @@ pub struct Ipv4Packet {
     pub dst: [u8; 4],
     /// Time to live.
     pub ttl: u8,
+    /// Identification (network order): with the addresses and protocol, the datagram a
+    /// fragment belongs to.
+    pub ident: [u8; 2],
 }
 
 impl Ipv4Packet {
@@ -86,6 +89,7 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Reason> {
         src: ip.src_addr,
         dst: ip.dst_addr,
         ttl: ip.ttl,
+        ident: ip.id,
     })
 }
 
@@ -138,11 +142,12 @@ impl L4 {
         }
     }
 
-    /// Whether the packet has a tuple connection tracking can key on: a non-fragmented TCP,
-    /// UDP or ICMP echo packet.
+    /// Whether the packet has a tuple connection tracking can key on: a TCP, UDP or ICMP echo
+    /// packet with its L4 header, unfragmented or the first fragment (whose translation the
+    /// later fragments then get from the fragment cache, see `frag`).
     #[inline(always)]
     pub fn trackable(&self, pkt: &Ipv4Packet) -> bool {
-        !pkt.info.is_fragment
+        !pkt.info.is_later_fragment
             && matches!(
                 self.kind,
                 L4Kind::Tcp | L4Kind::Udp | L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply

@@ -37,9 +37,10 @@ pub fn rewrite(
     ip.dst_addr = to.dst;
     ip.check = addr_delta(u16::from_be_bytes(ip.check), from, to).to_be_bytes();
 
-    // Ports change only where the packet carries the ports `from` names: not in fragments
-    // (a first fragment matched by an address-only rule keeps its ports).
-    let ports = !pkt.info.is_fragment;
+    // Ports change only where the packet carries them: not in later fragments. A first
+    // fragment's L4 checksum covers the whole datagram, and an incremental update stays right
+    // for it without the bytes in later fragments.
+    let ports = !pkt.info.is_later_fragment;
     match l4.kind {
         L4Kind::Tcp => {
             let Some(tcp) = l4_header::<TcpHdr>(ctx, pkt) else {

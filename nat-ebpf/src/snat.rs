@@ -15,7 +15,7 @@ use nat_common::stats::Reason;
 use crate::{
     conntrack::{same_endpoint, EEXIST},
     fib,
-    maps::{rule_lookup, BINDINGS, MAPPINGS, SNAT_POOLS, SNAT_RULES},
+    maps::{rule_lookup, BINDINGS, LOCAL_ADDRS, MAPPINGS, SNAT_POOLS, SNAT_RULES},
     ports::PortIndex,
 };
 
@@ -36,6 +36,9 @@ pub enum SnatDecision {
     NoRule,
     /// A `no_nat` rule applies: leave the source alone.
     Exempt,
+    /// The destination is this host (see [`is_local`]): never translated, whatever the rules
+    /// say; the appliance's own services see the real sender.
+    Local,
     /// Translate the source.
     Translate(SnatChoice),
 }
@@ -51,6 +54,9 @@ pub fn decide(ctx: &XdpContext, bank: u32, key: &FlowKey, tot_len: u16) -> SnatD
     let Some(set) = rule_lookup(&SNAT_RULES, bank, key.src) else {
         return SnatDecision::NoRule;
     };
+    if is_local(key.dst) {
+        return SnatDecision::Local;
+    }
     let route = fib::egress(ctx, key, tot_len);
     // An interface index no rule uses (0 means "any interface" in a rule) when unroutable.
     let (egress_ifindex, egress_src) = match route {
@@ -86,6 +92,16 @@ pub fn decide(ctx: &XdpContext, bank: u32, key: &FlowKey, tot_len: u16) -> SnatD
         };
     }
     SnatDecision::NoRule
+}
+
+/// Whether `dst` is this host: one of its addresses or directed broadcasts (`LOCAL_ADDRS`,
+/// kept by the agent), or multicast, reserved or the limited broadcast (224.0.0.0 and up).
+///
+/// Not the FIB: its "not forwarded" answer is the same for a local route and for no route
+/// at all, and an unroutable destination must still meet the rules that need no route.
+#[inline(always)]
+pub fn is_local(dst: [u8; 4]) -> bool {
+    dst[0] >= 224 || LOCAL_ADDRS.get_ptr(&dst).is_some()
 }
 
 /// The external address a host gets from `choice` (paired pooling: always the same member).

@@ -368,6 +368,12 @@ impl Packet {
         self
     }
 
+    /// Sets the IP identification (fragments of one datagram share it).
+    pub fn with_ident(mut self, ident: u16) -> Self {
+        self.ident = ident;
+        self
+    }
+
     /// Overrides the version/IHL byte.
     pub fn with_vihl(mut self, vihl: u8) -> Self {
         self.vihl_override = Some(vihl);

@@ -79,6 +79,21 @@ impl Expect {
         }
     }
 
+    /// A later fragment translated from the fragment cache into exactly `expected`, counted by
+    /// every rule in `rules` (those that translated its first fragment) in their direction.
+    pub fn fragment(expected: Vec<u8>, rules: &[(&'static str, Dir)]) -> Self {
+        let (first, rest) = rules
+            .split_first()
+            .expect("fixture bug: a translated fragment counts in at least one rule");
+        Expect {
+            action: XDP_PASS,
+            reason: Reason::FragmentTranslated,
+            output: expected,
+            rule: Some(*first),
+            also: rest.to_vec(),
+        }
+    }
+
     /// Passed to the kernel byte for byte as it came in.
     pub fn pass_unchanged(reason: Reason, input: &[u8]) -> Self {
         Expect {
