@@ -762,8 +762,9 @@ to_address = "203.0.113.2"
     assert!(in_range(port(&ext), PORT_MIN, PORT_MAX), "{ext:?}");
     reply(&fx, "reply to port 123", &p, &ext, "wide");
 
-    // A narrow range: ports above and below it are moved in, ports inside it are kept.
-    for (sport, kept) in [(40000, false), (123, false), (20050, true), (20099, true)] {
+    // A narrow range: ports inside it are kept, ports above and below it are moved in. The
+    // kept ones go first: a moved port lands anywhere in the range and could take one of them.
+    for (sport, kept) in [(20050, true), (20099, true), (40000, false), (123, false)] {
         let p = Packet::udp(H1, sport, SRV, 123);
         let ext = start(
             &mut fx,
