@@ -44,7 +44,7 @@ use nat_common::{
         SESSIONS, SNAT_POOLS, SNAT_RULES, XDP_CLAIM_PROGRAM, XDP_ICMP_ERROR_PROGRAM,
         XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
     },
-    maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS},
+    maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS, PATH_MTU_FLOOR},
     maps::{PORT_BITMAPS, PORT_SPACES},
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
@@ -470,6 +470,7 @@ impl Dataplane {
         }
         self.write_bank(compiled, ifindex)?;
         self.refresh_local_addresses()?;
+        self.refresh_path_mtu_floor()?;
         Ok(())
     }
 
@@ -505,6 +506,25 @@ impl Dataplane {
             debug!(addresses = desired.len(), "local addresses updated");
         }
         Ok(changed)
+    }
+
+    /// Writes the smallest MTU of this host's interfaces (loopback aside) into
+    /// `PATH_MTU_FLOOR`: DF packets longer than it are checked against their route's MTU (see
+    /// the program's `conntrack::exceeds_path_mtu`). Returns the value written.
+    pub fn refresh_path_mtu_floor(&mut self) -> Result<u32> {
+        let floor = path_mtu_floor().context("reading the interfaces' MTUs")?;
+        let Some(map) = self.ebpf.map_mut(PATH_MTU_FLOOR) else {
+            return Ok(0);
+        };
+        let mut table: Array<&mut MapData, u32> =
+            Array::try_from(map).with_context(|| format!("opening {PATH_MTU_FLOOR}"))?;
+        if table.get(&0, 0).ok() != Some(floor) {
+            table
+                .set(0, floor, 0)
+                .with_context(|| format!("writing {PATH_MTU_FLOOR}"))?;
+            debug!(mtu = floor, "path MTU floor updated");
+        }
+        Ok(floor)
     }
 
     /// The rule bank the program reads now.
@@ -794,6 +814,45 @@ fn local_addresses() -> Result<BTreeSet<[u8; 4]>> {
         out = out.into_iter().take(MAX_LOCAL_ADDRS as usize).collect();
     }
     Ok(out)
+}
+
+/// The smallest MTU among this network namespace's interfaces other than loopback (0 when
+/// there is none). Asked with `SIOCGIFMTU` on a socket, which belongs to the calling thread's
+/// network namespace (sysfs would show the namespace it was mounted in).
+fn path_mtu_floor() -> Result<u32> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").context("opening a socket")?;
+    let mut floor = 0u32;
+    for iface in nix::net::if_::if_nameindex()
+        .context("listing interfaces")?
+        .iter()
+    {
+        let name = iface.name().to_bytes();
+        if name == b"lo" || name.len() >= libc::IFNAMSIZ {
+            continue;
+        }
+        // SAFETY: an all-zero ifreq is valid; the name (shorter than IFNAMSIZ, checked above)
+        // is copied in with its terminating NUL from the zeroing.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu of a valid ifreq.
+        let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+        if rc != 0 {
+            // Gone since the listing.
+            continue;
+        }
+        // SAFETY: the kernel filled the MTU member of the union.
+        let mtu = unsafe { req.ifr_ifru.ifru_mtu };
+        let Ok(mtu) = u32::try_from(mtu) else {
+            continue;
+        };
+        if floor == 0 || mtu < floor {
+            floor = mtu;
+        }
+    }
+    Ok(floor)
 }
 
 /// The index of interface `name` in this network namespace, if it exists.

@@ -456,6 +456,10 @@ impl Owner {
         if let Err(e) = self.dataplane.refresh_local_addresses() {
             warn!("updating the local addresses: {e:#}");
         }
+        // ... and MTUs changing (a tunnel coming up lowers the path MTU floor).
+        if let Err(e) = self.dataplane.refresh_path_mtu_floor() {
+            warn!("updating the path MTU floor: {e:#}");
+        }
         let (Some(gc), Some(store)) = (self.gc.as_mut(), self.dataplane.sessions()) else {
             return self.gc_interval;
         };

@@ -1783,6 +1783,69 @@ fn ifindex(name: &str) -> u32 {
 }
 
 #[test]
+fn a_df_packet_too_big_for_its_route_goes_to_the_kernel_untranslated() {
+    let config = r#"
+[[interfaces]]
+name = "n0"
+
+[conntrack]
+max_sessions = 1024
+
+[[snat]]
+id = 20
+name = "masq"
+source = "198.18.0.0/24"
+out_interface = "n1"
+masquerade = true
+"#;
+    let ns = fib_lab();
+    // The egress link is narrower than the inside one (a tunnel, say).
+    ns.run("ip", ["link", "set", "n1", "mtu", "1280"])
+        .expect("lowering n1's MTU");
+    ns.enter(|| {
+        let mut fx = Fixture::load(config);
+        fx.set_ingress_ifindex(Some(ifindex("n0")));
+        let out = [("masq", Dir::Original)];
+        let sized =
+            |len: usize| Packet::udp(H1, 40000, "203.0.113.10", 53).with_payload(vec![7; len - 28]);
+        let translated = |p: Packet| p.with_src("203.0.113.1");
+        fx.check(
+            "first packet, small",
+            &sized(100).build(),
+            &Expect::session(Reason::SessionNew, translated(sized(100)).build(), &out),
+        );
+        // DF and 1400 bytes for a 1280-byte route: untranslated to the kernel, which sends the
+        // inside host "fragmentation needed" (translated, the error would go to n1's own
+        // address and be lost).
+        let big = sized(1400);
+        fx.check(
+            "1400 bytes with DF",
+            &big.build(),
+            &Expect::pass_unchanged(Reason::MtuHandoff, &big.build()),
+        );
+        // Without DF the kernel may fragment it: translated as usual.
+        let big_no_df = sized(1400).with_frag(0);
+        fx.check(
+            "1400 bytes without DF",
+            &big_no_df.build(),
+            &Expect::session(
+                Reason::SessionOrig,
+                translated(sized(1400).with_frag(0)).build(),
+                &out,
+            ),
+        );
+        // Exactly the route's MTU fits.
+        fx.check(
+            "1280 bytes with DF",
+            &sized(1280).build(),
+            &Expect::session(Reason::SessionOrig, translated(sized(1280)).build(), &out),
+        );
+        Ok(())
+    })
+    .expect("running in the namespace");
+}
+
+#[test]
 fn masquerade_takes_the_egress_interface_address_from_the_fib() {
     let config = r#"
 [[interfaces]]

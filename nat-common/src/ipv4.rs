@@ -34,10 +34,15 @@ pub struct HeaderInfo {
     pub is_fragment: bool,
     /// True for fragments after the first (offset non-zero): they carry no L4 header.
     pub is_later_fragment: bool,
+    /// The "don't fragment" flag: a router must not fragment it, and answers a datagram too
+    /// big for the next link with ICMP "fragmentation needed" (path MTU discovery).
+    pub dont_fragment: bool,
 }
 
 /// Flag bit "more fragments" in the host-order flags/offset word.
 pub const IP_MF: u16 = 0x2000;
+/// Flag bit "don't fragment" in the host-order flags/offset word.
+pub const IP_DF: u16 = 0x4000;
 /// Mask of the fragment offset in the host-order flags/offset word.
 pub const IP_OFFSET_MASK: u16 = 0x1fff;
 
@@ -70,6 +75,7 @@ pub const fn validate(
         total_len,
         is_fragment: offset != 0 || frag_word & IP_MF != 0,
         is_later_fragment: offset != 0,
+        dont_fragment: frag_word & IP_DF != 0,
     })
 }
 
@@ -107,6 +113,8 @@ mod tests {
         assert!(later.is_fragment && later.is_later_fragment);
         // DF alone is not a fragment.
         assert!(!validate(0x45, 40, 0x4000, 40).unwrap().is_fragment);
+        assert!(validate(0x45, 40, 0x4000, 40).unwrap().dont_fragment);
+        assert!(!validate(0x45, 40, IP_MF, 40).unwrap().dont_fragment);
     }
 
     proptest! {

@@ -52,6 +52,10 @@ pub const EVENT_CONFIG: &str = "EVENT_CONFIG";
 /// Per-CPU array of one `u64`: events dropped because the ring buffer was full.
 pub const EVENT_DROPS: &str = "EVENT_DROPS";
 
+/// Array of one `u32`: the smallest MTU of this host's interfaces (0: unknown), written by the
+/// agent. Only DF packets longer than this are checked against their route's MTU.
+pub const PATH_MTU_FLOOR: &str = "PATH_MTU_FLOOR";
+
 /// Version of the state pinned across restarts (`[agent] state_dir`): the layout and meaning
 /// of every pinned map. Bump it with any change to a pinned map's key, value or size, or to
 /// the meaning of its contents; an agent never reuses state of another version (see

@@ -110,6 +110,11 @@ pub enum Reason {
     /// the sender directly, past the NAT, so the packet is not translated; the kernel gets it
     /// (addressed to one of its addresses, it answers as for a closed port).
     HairpinNoSnat = 34,
+    /// A "don't fragment" packet of a flow whose destination is not translated, too big for
+    /// the route it would take: handed to the kernel untranslated, so the ICMP "fragmentation
+    /// needed" it sends reaches the real sender (translated, the error would be addressed to
+    /// this host's own external address and lost: a path-MTU black hole).
+    MtuHandoff = 35,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -130,7 +135,7 @@ impl Reason {
         [Reason::NoPort, Reason::PortsContended, Reason::NoPortProbed];
 
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 36;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -169,6 +174,7 @@ impl Reason {
         Reason::Bypass,
         Reason::LocalDestination,
         Reason::HairpinNoSnat,
+        Reason::MtuHandoff,
     ];
 
     /// The metrics label value.
@@ -209,6 +215,7 @@ impl Reason {
             Reason::Bypass => "bypass",
             Reason::LocalDestination => "local_destination",
             Reason::HairpinNoSnat => "hairpin_no_snat",
+            Reason::MtuHandoff => "mtu_handoff",
         }
     }
 
@@ -252,7 +259,8 @@ impl Reason {
             | Reason::TtlExpiring
             | Reason::Bypass
             | Reason::LocalDestination
-            | Reason::HairpinNoSnat => Action::Pass,
+            | Reason::HairpinNoSnat
+            | Reason::MtuHandoff => Action::Pass,
         }
     }
 }

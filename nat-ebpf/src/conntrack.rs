@@ -9,7 +9,7 @@ use nat_common::{
 
 use crate::{
     frag,
-    maps::{REPLIES, SESSIONS},
+    maps::{PATH_MTU_FLOOR, REPLIES, SESSIONS},
     packet::frame_len,
     parse::{Ipv4Packet, L4Kind, L4},
     rewrite::rewrite,
@@ -51,6 +51,9 @@ pub fn translate_existing(
         // period, so it stays valid for this run even if the agent deletes the session now.
         let session = unsafe { &mut *session };
         let to = session.translated;
+        if exceeds_path_mtu(ctx, pkt, key, &to) {
+            return Err(Reason::MtuHandoff);
+        }
         rewrite(ctx, pkt, l4, key, &to)?;
         refresh(ctx, session, l4, Dir::Original);
         frag::remember(
@@ -84,6 +87,27 @@ pub fn translate_existing(
         Direction::Reply,
     );
     Ok(Some(Reason::SessionReply))
+}
+
+/// Whether a "don't fragment" packet of a flow whose destination stays as it is (SNAT,
+/// MASQUERADE) is too big for its route. Such a packet goes to the kernel untranslated: the
+/// kernel then sends "fragmentation needed" to the real sender, which lowers its path MTU.
+/// Translated, the kernel would send the error to this host's own external address, where it
+/// is lost, and the sender would retry the same size forever (a path-MTU black hole).
+/// Only packets longer than the smallest MTU of this host's interfaces pay for the route
+/// lookup. Flows whose destination is translated are not handed over: untranslated, their
+/// destination (a VIP) would not route like the backend.
+#[inline(always)]
+fn exceeds_path_mtu(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey, to: &FlowKey) -> bool {
+    if !pkt.info.dont_fragment || to.dst != key.dst {
+        return false;
+    }
+    let floor = match PATH_MTU_FLOOR.get(0) {
+        Some(&mtu) if mtu != 0 => mtu,
+        _ => return false,
+    };
+    let len = pkt.info.total_len as u32;
+    len > floor && len <= 0xffff && crate::fib::frag_needed(ctx, to, len as u16)
 }
 
 /// `*counter += value` as one BPF atomic instruction. The target's `core` offers no atomic

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
@@ -58,6 +58,35 @@ pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
         ifindex: params.ifindex,
         src: src.to_ne_bytes(),
     })
+}
+
+/// Whether the route of a packet with tuple `key` and total length `tot_len`, arriving on this
+/// program's interface, has a smaller MTU than the packet (the kernel would answer "fragmentation
+/// needed").
+#[inline(always)]
+pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> bool {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
+    // below.
+    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = key.proto;
+    params.sport = u16::from_ne_bytes(key.sport);
+    params.dport = u16::from_ne_bytes(key.dport);
+    // A non-zero length makes the kernel compare it with the route's MTU.
+    params.__bindgen_anon_1.tot_len = tot_len;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(key.src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(key.dst);
+    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut params,
+            core::mem::size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
 }
 
 /// Whether a packet from `src` to `dst` arriving on this program's interface is addressed to

@@ -188,6 +188,8 @@ fn read_quote(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<Quote, Reason> {
                 total_len: h.header_len + h.l4_len,
                 is_fragment: h.is_fragment,
                 is_later_fragment: h.is_later_fragment,
+                // The quote is never forwarded as a datagram of its own.
+                dont_fragment: false,
             },
             proto: quoted_proto,
             src: ip.dst_addr,

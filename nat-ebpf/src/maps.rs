@@ -144,6 +144,10 @@ pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "IFACE_FORWARD")]
 pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
+/// Entry 0: the smallest MTU of this host's interfaces (see `nat_common::maps`).
+#[map(name = "PATH_MTU_FLOOR")]
+pub static PATH_MTU_FLOOR: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Session events for the agent's event log (see `nat_common::events`).
 #[map(name = "SESSION_EVENTS")]
 pub static SESSION_EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
