@@ -13,7 +13,7 @@ use nat_lab::{
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
+use agent::{attach_pass_through, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
 
 fn snat_config() -> String {
     format!(
@@ -311,33 +311,6 @@ fn dnat_vips_answer_with_xdp_forwarding() -> Result<()> {
         "only {redirected} packets left from XDP"
     );
     Ok(())
-}
-
-/// Attaches the object's parse-and-pass program to `device` in namespace `ns`, in driver mode.
-/// Frames an XDP program sends into a veth (XDP_TX, redirect) are only received by a peer with
-/// NAPI, which a driver-mode XDP program provides (TOOLCHAIN.md); the program passes every
-/// well-formed frame, so the peer behaves as before. Detached when the returned object drops.
-fn attach_pass_through(ns: &str, device: &str) -> Result<aya::Ebpf> {
-    let device = device.to_owned();
-    nat_lab::in_netns(ns, move || {
-        let mut loader = aya::EbpfLoader::new();
-        // Only the program is needed; keep the connection-tracking maps small.
-        for map in ["SESSIONS", "REPLIES", "MAPPINGS", "BINDINGS"] {
-            loader.map_max_entries(map, 1024);
-        }
-        let mut ebpf = loader
-            .load(nat_agent::dataplane::EBPF_OBJECT)
-            .context("loading the object")?;
-        let program: &mut aya::programs::Xdp = ebpf
-            .program_mut(nat_common::maps::XDP_PARSE_PASS_PROGRAM)
-            .context("no parse-and-pass program")?
-            .try_into()?;
-        program.load().context("loading xdp_parse_pass")?;
-        program
-            .attach(&device, aya::programs::XdpMode::Driver)
-            .with_context(|| format!("attaching xdp_parse_pass to {device}"))?;
-        Ok(ebpf)
-    })
 }
 
 /// Scenario 4, the one-arm appliance: client, NAT and backend share one L2 segment (a bridge in

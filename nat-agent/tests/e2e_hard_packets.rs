@@ -22,7 +22,7 @@ use nat_lab::{
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
+use agent::{attach_pass_through, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
 
 /// MASQUERADE of the private network, both interfaces forwarding from XDP (as e2e_forward).
 fn snat_config() -> String {
@@ -268,7 +268,7 @@ fn a_path_mtu_drop_beyond_the_nat_is_learned_through_the_translated_icmp_error()
     let lab = SnatLab::new()?;
     let far = far_network_behind_a_small_mtu(&lab)?;
     let mut agent = Agent::start(&lab.nat, &snat_config())?;
-    upload_one_megabyte(&lab, &far, "198.19.200.2", &mut agent)?;
+    upload_one_megabyte(&lab.private, &far, "198.19.200.2", &mut agent)?;
     // The inside host must have learned the MTU: its route cache says so.
     let cached = lab
         .private
@@ -292,11 +292,11 @@ fn a_path_mtu_drop_beyond_the_nat_is_learned_through_the_translated_icmp_error()
     Ok(())
 }
 
-/// Posts 1 MB (i % 256) from the inside host to an upload sink on `server_addr`:8000 in
+/// Posts 1 MB (i % 256) from `client` to an upload sink on `server_addr`:8000 in
 /// `server_ns` and checks it arrived whole: TCP with DF (Linux sets it), so a path MTU smaller
 /// than the inside link must be learned for the upload to complete.
 fn upload_one_megabyte(
-    lab: &SnatLab,
+    client: &Netns,
     server_ns: &Netns,
     server_addr: &str,
     agent: &mut Agent,
@@ -325,7 +325,7 @@ fn upload_one_megabyte(
     let body = std::env::temp_dir().join(format!("xdp-nat-pmtu-body-{}", std::process::id()));
     let body = body.to_str().context("temp dir path")?.to_owned();
     run_bounded(
-        &lab.private,
+        client,
         Duration::from_secs(10),
         "python3",
         &[
@@ -334,7 +334,7 @@ fn upload_one_megabyte(
         ],
     )?;
     let out = run_bounded(
-        &lab.private,
+        client,
         Duration::from_secs(30),
         "curl",
         &[
@@ -372,7 +372,7 @@ fn a_smaller_mtu_on_the_nats_own_egress_link_is_learned_by_the_inside_host() -> 
     // segments then exceed on the NAT's link.)
     let mut agent = Agent::start(&lab.nat, &snat_config())?;
     let public = SnatLab::PUBLIC_ADDR.to_string();
-    upload_one_megabyte(&lab, &lab.public, &public, &mut agent)?;
+    upload_one_megabyte(&lab.private, &lab.public, &public, &mut agent)?;
     let cached = lab
         .private
         .run("ip", ["route", "get", &public])
@@ -388,6 +388,71 @@ fn a_smaller_mtu_on_the_nats_own_egress_link_is_learned_by_the_inside_host() -> 
             &[("reason", "mtu_handoff"), ("action", "pass")]
         ) >= 1.0,
         "no too-big packet was handed to the kernel untranslated"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_smaller_mtu_towards_a_dnat_backend_is_learned_by_the_client_from_the_nats_answer() -> Result<()>
+{
+    require_tools(&["curl"])?;
+    let lab = nat_lab::DnatLab::new()?;
+    // The NAT's link towards the backends is the narrow one: the client talks to the VIP, so
+    // only the NAT can tell it, quoting the packet as sent to the VIP.
+    lab.nat.run(
+        "ip",
+        [
+            "link",
+            "set",
+            nat_lab::DnatLab::NAT_BACKEND_IF,
+            "mtu",
+            "1280",
+        ],
+    )?;
+    let config = format!(
+        r#"
+[agent]
+metrics_listen = "{METRICS_LISTEN}"
+api_socket = "{API_SOCKET_PLACEHOLDER}"
+
+[[interfaces]]
+name = "n0"
+xdp_mode = "native"
+
+[[interfaces]]
+name = "n1"
+xdp_mode = "native"
+
+[[dnat]]
+id = 1
+name = "upload"
+destination = "198.18.100.10"
+protocol = "tcp"
+port = 8000
+to_address = "198.18.1.2"
+to_port = 8000
+"#
+    );
+    let mut agent = Agent::start(&lab.nat, &config)?;
+    // The answer leaves by XDP_TX into the client's veth, which receives such frames only
+    // with NAPI, as a real NIC always has (TOOLCHAIN.md).
+    let _client_napi = attach_pass_through(lab.client.name(), nat_lab::DnatLab::CLIENT_IF)?;
+    upload_one_megabyte(&lab.client, &lab.backend, "198.18.100.10", &mut agent)?;
+    let cached = lab
+        .client
+        .run("ip", ["route", "get", "198.18.100.10"])
+        .unwrap_or_default();
+    ensure!(
+        cached.contains("mtu 1280"),
+        "the client did not learn the path MTU: {cached}"
+    );
+    let metrics = agent.metrics()?;
+    ensure!(
+        metrics.sum(
+            "xdpnat_packets_total",
+            &[("reason", "mtu_too_big_answered"), ("action", "reply")]
+        ) >= 1.0,
+        "no fragmentation-needed answer was sent from XDP"
     );
     Ok(())
 }

@@ -29,8 +29,11 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use common::{
-    packet::{addr, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4, PROTO_GRE, UDP_HLEN},
-    xdp::{Dir, Expect, Fixture, XDP_PASS},
+    packet::{
+        addr, verify_icmp_error_checksums, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4,
+        PROTO_GRE, UDP_HLEN,
+    },
+    xdp::{Dir, Expect, Fixture, XDP_PASS, XDP_TX},
 };
 use nat_agent::dataplane::{interface_index, MemStore, SessionStore};
 use nat_common::{
@@ -1839,6 +1842,137 @@ masquerade = true
             "1280 bytes with DF",
             &sized(1280).build(),
             &Expect::session(Reason::SessionOrig, translated(sized(1280)).build(), &out),
+        );
+        Ok(())
+    })
+    .expect("running in the namespace");
+}
+
+/// Sum of big-endian 16-bit words folded and complemented: the Internet checksum, computed
+/// here independently of the program.
+fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The "fragmentation needed" a router sends back for `frame` (as its sender sent it): from
+/// `from` to the frame's source, quoting its IP header and first 8 payload bytes, with the
+/// Ethernet addresses swapped, every checksum computed here from scratch.
+fn frag_needed_answer(frame: &[u8], from: &str, mtu: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&frame[6..12]);
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&[0x08, 0x00]);
+    let quote = &frame[14..14 + 28];
+    let mut ip = vec![0x45, 0xc0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&addr(from).octets());
+    ip.extend_from_slice(&frame[14 + 12..14 + 16]);
+    let ip_sum = internet_checksum(&ip);
+    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let icmp_sum = internet_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&icmp_sum.to_be_bytes());
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&icmp);
+    out
+}
+
+#[test]
+fn a_df_packet_too_big_after_its_destination_is_translated_is_answered_from_xdp() {
+    let config = r#"
+[[interfaces]]
+name = "n0"
+
+[conntrack]
+max_sessions = 1024
+
+# DNAT to a backend behind the narrow link.
+[[dnat]]
+id = 10
+name = "web"
+destination = "198.18.100.10"
+protocol = "udp"
+port = 53
+to_address = "203.0.113.10"
+to_port = 5353
+
+# And SNAT towards it, so the backend's replies come back to the NAT.
+[[snat]]
+id = 20
+name = "masq"
+source = "198.18.0.0/24"
+out_interface = "n1"
+masquerade = true
+"#;
+    let ns = fib_lab();
+    ns.run("ip", ["link", "set", "n1", "mtu", "1280"])
+        .expect("lowering n1's MTU");
+    // The inside link is narrow too, for the replies.
+    ns.run("ip", ["link", "set", "n0", "mtu", "1280"])
+        .expect("lowering n0's MTU");
+    ns.enter(|| {
+        let mut fx = Fixture::load(config);
+        let (n0, n1) = (ifindex("n0"), ifindex("n1"));
+        let sized = |len: usize| {
+            Packet::udp(H1, 40000, "198.18.100.10", 53).with_payload(vec![7; len - 28])
+        };
+        let at_backend = |len: usize| {
+            Packet::udp("203.0.113.1", 40000, "203.0.113.10", 5353).with_payload(vec![7; len - 28])
+        };
+        let both = [("web", Dir::Original), ("masq", Dir::Original)];
+        fx.set_ingress_ifindex(Some(n0));
+        fx.check(
+            "first packet, small",
+            &sized(100).build(),
+            &Expect::session(Reason::SessionNew, at_backend(100).build(), &both),
+        );
+        // 1400 bytes with DF towards the 1280-byte backend link: the VIP's sender is told,
+        // from the NAT's address on its side, quoting what it sent (to the VIP).
+        let big = sized(1400).build();
+        let checked = fx.check(
+            "1400 bytes with DF to the VIP",
+            &big,
+            &Expect {
+                action: XDP_TX,
+                reason: Reason::MtuTooBigAnswered,
+                output: frag_needed_answer(&big, "198.18.0.1", 1280),
+                rule: None,
+                also: vec![],
+            },
+        );
+        verify_icmp_error_checksums(&checked.frame).expect("the answer's checksums");
+        // A reply too big for the inside link: the backend is told, from the NAT's outside
+        // address, quoting its packet to the external address.
+        fx.set_ingress_ifindex(Some(n1));
+        let reply = Packet::udp("203.0.113.10", 5353, "203.0.113.1", 40000)
+            .with_payload(vec![9; 1400 - 28])
+            .build();
+        let checked = fx.check(
+            "1400-byte reply with DF",
+            &reply,
+            &Expect {
+                action: XDP_TX,
+                reason: Reason::MtuTooBigAnswered,
+                output: frag_needed_answer(&reply, "203.0.113.1", 1280),
+                rule: None,
+                also: vec![],
+            },
+        );
+        verify_icmp_error_checksums(&checked.frame).expect("the answer's checksums");
+        // What fits is translated as before.
+        fx.set_ingress_ifindex(Some(n0));
+        fx.check(
+            "1280 bytes with DF to the VIP",
+            &sized(1280).build(),
+            &Expect::session(Reason::SessionOrig, at_backend(1280).build(), &both),
         );
         Ok(())
     })

@@ -90,7 +90,7 @@ pub const XDP_PARSE_PASS_PROGRAM: &str = "xdp_parse_pass";
 /// [`XDP_ICMP_ERROR_PROGRAM`], slot [`CLAIM_SLOT`] holds [`XDP_CLAIM_PROGRAM`].
 pub const PROGRAMS: &str = "PROGRAMS";
 /// Slots in [`PROGRAMS`].
-pub const PROGRAMS_LEN: u32 = 4;
+pub const PROGRAMS_LEN: u32 = 5;
 /// Slot of the new-flow program in [`PROGRAMS`].
 pub const NEW_FLOW_SLOT: u32 = 0;
 /// Slot of the rules program in [`PROGRAMS`].
@@ -99,6 +99,11 @@ pub const RULES_SLOT: u32 = 1;
 pub const ICMP_ERROR_SLOT: u32 = 2;
 /// Slot of the port-claim program in [`PROGRAMS`].
 pub const CLAIM_SLOT: u32 = 3;
+/// The XDP program that answers a packet too big for its translated route with ICMP
+/// "fragmentation needed", reached by tail call from [`XDP_PROGRAM`].
+pub const XDP_TOO_BIG_PROGRAM: &str = "xdp_nat_too_big";
+/// Slot of the too-big program in [`PROGRAMS`].
+pub const TOO_BIG_SLOT: u32 = 4;
 
 /// Hash, key: original-direction [`crate::conntrack::FlowKey`], value:
 /// [`crate::conntrack::Session`]. Capacity set by the agent (`max_sessions`).

@@ -115,6 +115,15 @@ pub enum Reason {
     /// needed" it sends reaches the real sender (translated, the error would be addressed to
     /// this host's own external address and lost: a path-MTU black hole).
     MtuHandoff = 35,
+    /// A "don't fragment" packet too big for the route its translation takes, of a flow whose
+    /// destination is translated (DNAT, or a reply to an inside host): answered from XDP with
+    /// ICMP "fragmentation needed" quoting the packet as its sender sent it, so the sender
+    /// lowers its path MTU. The packet itself is dropped.
+    MtuTooBigAnswered = 36,
+    /// As [`Reason::MtuTooBigAnswered`], but no answer could be built (IP options, a VLAN tag,
+    /// no route back, the answering program missing): dropped, as a router would if it could
+    /// not send the error.
+    MtuTooBigUnanswered = 37,
 }
 
 /// What an exit does with the packet; reported as the `action` label of the metrics.
@@ -126,6 +135,9 @@ pub enum Action {
     Pass,
     /// Dropped.
     Drop,
+    /// Answered by the program itself, back out of the interface the packet came in on (the
+    /// frame now holds the answer).
+    Reply,
 }
 
 impl Reason {
@@ -135,7 +147,7 @@ impl Reason {
         [Reason::NoPort, Reason::PortsContended, Reason::NoPortProbed];
 
     /// Number of reasons; the size of the reason counter map.
-    pub const COUNT: u32 = 36;
+    pub const COUNT: u32 = 38;
 
     /// Every reason in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -175,6 +187,8 @@ impl Reason {
         Reason::LocalDestination,
         Reason::HairpinNoSnat,
         Reason::MtuHandoff,
+        Reason::MtuTooBigAnswered,
+        Reason::MtuTooBigUnanswered,
     ];
 
     /// The metrics label value.
@@ -216,6 +230,8 @@ impl Reason {
             Reason::LocalDestination => "local_destination",
             Reason::HairpinNoSnat => "hairpin_no_snat",
             Reason::MtuHandoff => "mtu_handoff",
+            Reason::MtuTooBigAnswered => "mtu_too_big_answered",
+            Reason::MtuTooBigUnanswered => "mtu_too_big_unanswered",
         }
     }
 
@@ -261,6 +277,8 @@ impl Reason {
             | Reason::LocalDestination
             | Reason::HairpinNoSnat
             | Reason::MtuHandoff => Action::Pass,
+            Reason::MtuTooBigAnswered => Action::Reply,
+            Reason::MtuTooBigUnanswered => Action::Drop,
         }
     }
 }
@@ -272,6 +290,7 @@ impl Action {
             Action::Translated => "translated",
             Action::Pass => "pass",
             Action::Drop => "drop",
+            Action::Reply => "reply",
         }
     }
 }

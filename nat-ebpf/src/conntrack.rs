@@ -51,8 +51,8 @@ pub fn translate_existing(
         // period, so it stays valid for this run even if the agent deletes the session now.
         let session = unsafe { &mut *session };
         let to = session.translated;
-        if exceeds_path_mtu(ctx, pkt, key, &to) {
-            return Err(Reason::MtuHandoff);
+        if let Some(reason) = too_big(ctx, pkt, key, &to) {
+            return Err(reason);
         }
         rewrite(ctx, pkt, l4, key, &to)?;
         refresh(ctx, session, l4, Dir::Original);
@@ -77,6 +77,9 @@ pub fn translate_existing(
     // SAFETY: as above.
     let session = unsafe { &mut *session };
     let to = orig.reversed();
+    if let Some(reason) = too_big(ctx, pkt, key, &to) {
+        return Err(reason);
+    }
     rewrite(ctx, pkt, l4, key, &to)?;
     refresh(ctx, session, l4, Dir::Reply);
     frag::remember(
@@ -89,25 +92,35 @@ pub fn translate_existing(
     Ok(Some(Reason::SessionReply))
 }
 
-/// Whether a "don't fragment" packet of a flow whose destination stays as it is (SNAT,
-/// MASQUERADE) is too big for its route. Such a packet goes to the kernel untranslated: the
-/// kernel then sends "fragmentation needed" to the real sender, which lowers its path MTU.
-/// Translated, the kernel would send the error to this host's own external address, where it
-/// is lost, and the sender would retry the same size forever (a path-MTU black hole).
-/// Only packets longer than the smallest MTU of this host's interfaces pay for the route
-/// lookup. Flows whose destination is translated are not handed over: untranslated, their
-/// destination (a VIP) would not route like the backend.
+/// What to do with a "don't fragment" packet too big for the route its translation `to` takes
+/// (`None`: it fits, or may be fragmented, and is translated as usual). Only packets longer
+/// than the smallest MTU of this host's interfaces pay for the route lookup.
+///
+/// - The flow's destination stays as it is (SNAT, MASQUERADE): the packet goes to the kernel
+///   untranslated, which routes it the same way and sends "fragmentation needed" to the real
+///   sender. (Translated, the kernel would send the error to this host's own external address,
+///   where it is lost: a path-MTU black hole.)
+/// - The destination is translated (DNAT; a reply to an inside host): untranslated it would not
+///   route like this, so the program answers the sender itself (`toobig`).
 #[inline(always)]
-fn exceeds_path_mtu(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey, to: &FlowKey) -> bool {
-    if !pkt.info.dont_fragment || to.dst != key.dst {
-        return false;
+pub fn too_big(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey, to: &FlowKey) -> Option<Reason> {
+    if !pkt.info.dont_fragment {
+        return None;
     }
     let floor = match PATH_MTU_FLOOR.get(0) {
         Some(&mtu) if mtu != 0 => mtu,
-        _ => return false,
+        _ => return None,
     };
     let len = pkt.info.total_len as u32;
-    len > floor && len <= 0xffff && crate::fib::frag_needed(ctx, to, len as u16)
+    if len <= floor || len > 0xffff {
+        return None;
+    }
+    let mtu = crate::fib::frag_needed(ctx, to, len as u16)?;
+    Some(if to.dst == key.dst {
+        Reason::MtuHandoff
+    } else {
+        crate::toobig::hand_over(ctx, mtu)
+    })
 }
 
 /// `*counter += value` as one BPF atomic instruction. The target's `core` offers no atomic

@@ -111,6 +111,9 @@ pub fn apply_stateless(
     side: Side,
 ) -> Result<Reason, Reason> {
     let to = translated(pkt, key, rule, side);
+    if let Some(reason) = crate::conntrack::too_big(ctx, pkt, key, &to) {
+        return Err(reason);
+    }
     rewrite(ctx, pkt, l4, key, &to)?;
     let (direction, reason) = match side {
         Side::Destination => (Direction::Original, Reason::DnatTranslated),

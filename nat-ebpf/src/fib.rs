@@ -60,11 +60,11 @@ pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
     })
 }
 
-/// Whether the route of a packet with tuple `key` and total length `tot_len`, arriving on this
-/// program's interface, has a smaller MTU than the packet (the kernel would answer "fragmentation
-/// needed").
+/// The MTU of the route of a packet with tuple `key`, arriving on this program's interface, when
+/// it is smaller than the packet's `tot_len` (the kernel would answer "fragmentation needed");
+/// `None` when the packet fits or there is no route.
 #[inline(always)]
-pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> bool {
+pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32> {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
     // below.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
@@ -86,7 +86,11 @@ pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> bool {
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
     };
-    rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64
+    if rc != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        return None;
+    }
+    // SAFETY: the kernel wrote the route's MTU for a FRAG_NEEDED answer.
+    Some(u32::from(unsafe { params.__bindgen_anon_1.mtu_result }))
 }
 
 /// Whether a packet from `src` to `dst` arriving on this program's interface is addressed to

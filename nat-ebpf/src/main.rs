@@ -27,6 +27,7 @@ mod ports;
 mod rewrite;
 mod snat;
 mod stats;
+mod toobig;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use nat_common::stats::{Action, Reason};
@@ -61,6 +62,13 @@ pub fn xdp_nat_icmp_error(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xdp_nat_claim(ctx: XdpContext) -> u32 {
     finish(&ctx, newflow::claim(&ctx))
+}
+
+/// Answers a packet too big for its translated route with ICMP "fragmentation needed";
+/// reached only by tail call from [`xdp_nat`] (see `toobig`).
+#[xdp]
+pub fn xdp_nat_too_big(ctx: XdpContext) -> u32 {
+    finish(&ctx, toobig::run(&ctx))
 }
 
 /// Benchmark baseline: parse and pass (see `baseline`). Counts nothing.
@@ -111,6 +119,8 @@ fn action_for(ctx: &XdpContext, reason: Reason) -> u32 {
         Action::Translated => forward::send(ctx),
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
+        // The program built an answer in the frame: back to the neighbour it came from.
+        Action::Reply => xdp_action::XDP_TX,
     }
 }
 

@@ -144,6 +144,11 @@ pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "IFACE_FORWARD")]
 pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
+/// Per-CPU hand-over from `xdp_nat` to `xdp_nat_too_big`: the MTU of the route the packet
+/// being tail-called is too big for. Valid only during that tail call.
+#[map(name = "TOO_BIG_MTU")]
+pub static TOO_BIG_MTU: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Entry 0: the smallest MTU of this host's interfaces (see `nat_common::maps`).
 #[map(name = "PATH_MTU_FLOOR")]
 pub static PATH_MTU_FLOOR: Array<u32> = Array::with_max_entries(1, 0);

@@ -358,6 +358,33 @@ pub fn xdp_attached(ns: &Netns, iface: &str) -> Result<bool> {
     Ok(out.contains("prog/xdp"))
 }
 
+/// Attaches the object's parse-and-pass program to `device` in namespace `ns`, in driver mode.
+/// Frames an XDP program sends into a veth (XDP_TX, redirect) are only received by a peer with
+/// NAPI, which a driver-mode XDP program provides (TOOLCHAIN.md); the program passes every
+/// well-formed frame, so the peer behaves as before. Detached when the returned object drops.
+pub fn attach_pass_through(ns: &str, device: &str) -> Result<aya::Ebpf> {
+    let device = device.to_owned();
+    nat_lab::in_netns(ns, move || {
+        let mut loader = aya::EbpfLoader::new();
+        // Only the program is needed; keep the connection-tracking maps small.
+        for map in ["SESSIONS", "REPLIES", "MAPPINGS", "BINDINGS"] {
+            loader.map_max_entries(map, 1024);
+        }
+        let mut ebpf = loader
+            .load(nat_agent::dataplane::EBPF_OBJECT)
+            .context("loading the object")?;
+        let program: &mut aya::programs::Xdp = ebpf
+            .program_mut(nat_common::maps::XDP_PARSE_PASS_PROGRAM)
+            .context("no parse-and-pass program")?
+            .try_into()?;
+        program.load().context("loading xdp_parse_pass")?;
+        program
+            .attach(&device, aya::programs::XdpMode::Driver)
+            .with_context(|| format!("attaching xdp_parse_pass to {device}"))?;
+        Ok(ebpf)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

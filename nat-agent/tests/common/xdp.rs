@@ -26,6 +26,8 @@ use super::packet::{assert_frames_eq, hex, verify_checksums, L4Check};
 pub const XDP_DROP: u32 = 1;
 /// `XDP_PASS`.
 pub const XDP_PASS: u32 = 2;
+/// `XDP_TX`: back out of the interface the frame came in on.
+pub const XDP_TX: u32 = 3;
 
 /// Name the fixture configs are validated under (appears in validation errors).
 const FIXTURE_FILE: &str = "fixture.toml";
