@@ -198,7 +198,7 @@ fn demo(args: &LabArgs, config: &DemoConfig, config_path: &Path, agent_bin: &Pat
     println!("agent is up (metrics answer at {})", config.metrics_url());
 
     let failures = run_checks(&lab, config);
-    print_instructions(&lab, &agent, config, args.duration);
+    print_instructions(&lab, &agent, agent_bin, config, args.duration);
 
     let end = wait_for_end(&mut agent, &mut echo, args.duration);
     println!("stopping the agent (SIGTERM)");
@@ -309,6 +309,7 @@ fn verify(lab: &DnatLab, check: &VipCheck) -> Result<String> {
 fn print_instructions(
     lab: &DnatLab,
     agent: &ChildGuard,
+    agent_bin: &Path,
     config: &DemoConfig,
     duration: Option<u64>,
 ) {
@@ -333,6 +334,13 @@ fn print_instructions(
         "  ip netns exec {nat} curl -s {} | grep '^xdpnat_'",
         config.metrics_url()
     );
+    // The API socket is a file, not a network endpoint: no namespace needed.
+    let cli = agent_bin.display();
+    println!("Rules, sessions and status through the local API (default socket):");
+    println!("  {cli} status");
+    println!("  {cli} rules list");
+    println!("  {cli} rules diff deploy/examples/lab.toml      # what a replace would change");
+    println!("  {cli} sessions list");
     println!("Packets (XDP-redirected frames are not seen on the nat side; watch the ends):");
     println!(
         "  ip netns exec {client} tcpdump -ni {} tcp",
