@@ -94,8 +94,7 @@ pub(crate) struct Owner {
     /// Rule id -> counter slot, for every rule that has had one (see `compile`).
     slot_history: BTreeMap<u32, u32>,
     rules: Vec<RuleInfo>,
-    /// Slot -> name of the rules in force and of deleted rules whose slot is still theirs.
-    names_by_slot: BTreeMap<u32, String>,
+    /// Names of the rules in force and of deleted rules whose slot is still theirs.
     names: RuleNames,
     gc: Option<Gc>,
     gc_interval: Duration,
@@ -135,8 +134,7 @@ impl Owner {
         });
         let slot_history = slot_history_after(&earlier, &compiled.slots);
         let rules = rule_infos(&model, &compiled);
-        let names_by_slot = names_after(&BTreeMap::new(), &rules);
-        let names = rule_names(&names_by_slot);
+        let names = RuleNames::default().after(&name_slots(&rules));
         let mut applies = ApplyCounts::default();
         applies.record(ApplySource::File, true);
         Owner {
@@ -148,7 +146,6 @@ impl Owner {
             compiled,
             slot_history,
             rules,
-            names_by_slot,
             names,
             gc,
             generation: 1,
@@ -167,7 +164,7 @@ impl Owner {
 
     /// Starts the NAT event log (`[events] log`).
     pub(crate) fn start_event_log(&mut self, log: &crate::events::EventLog) -> Result<()> {
-        let (names, rx) = tokio::sync::watch::channel(self.names_by_slot.clone());
+        let (names, rx) = tokio::sync::watch::channel(self.names.by_slot().clone());
         let logger = self.dataplane.start_event_log(log, rx)?;
         self.events = Some((logger, names));
         Ok(())
@@ -360,10 +357,9 @@ impl Owner {
 
         self.slot_history = slot_history_after(&self.slot_history, &compiled.slots);
         self.rules = rule_infos(&model, &compiled);
-        self.names_by_slot = names_after(&self.names_by_slot, &self.rules);
-        self.names = rule_names(&self.names_by_slot);
+        self.names = self.names.after(&name_slots(&self.rules));
         if let Some((_, names)) = &self.events {
-            names.send_replace(self.names_by_slot.clone());
+            names.send_replace(self.names.by_slot().clone());
         }
         if let Some(gc) = self.gc.as_mut() {
             gc.set_ports(PortCapacity::from_rules(&model.snat));
@@ -545,20 +541,8 @@ fn rule_infos(model: &Model, compiled: &Compiled) -> Vec<RuleInfo> {
         .collect()
 }
 
-/// Slot -> rule name for session listings: the rules in force, and deleted rules whose slot no
-/// other rule took, so the sessions they made can still be listed and deleted by rule name.
-fn names_after(previous: &BTreeMap<u32, String>, rules: &[RuleInfo]) -> BTreeMap<u32, String> {
-    let mut names: BTreeMap<u32, String> = previous
-        .iter()
-        .filter(|(_, name)| !rules.iter().any(|r| &r.name == *name))
-        .map(|(slot, name)| (*slot, name.clone()))
-        .collect();
-    names.extend(rules.iter().map(|r| (r.slot, r.name.clone())));
-    names
-}
-
-fn rule_names(names: &BTreeMap<u32, String>) -> RuleNames {
-    RuleNames::new(names.iter().map(|(slot, name)| (name.clone(), *slot)))
+fn name_slots(rules: &[RuleInfo]) -> Vec<(String, u32)> {
+    rules.iter().map(|r| (r.name.clone(), r.slot)).collect()
 }
 
 fn unix_now() -> u64 {

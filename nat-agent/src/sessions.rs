@@ -212,6 +212,25 @@ impl RuleNames {
         RuleNames(rules.into_iter().map(|(n, s)| (s, n)).collect())
     }
 
+    /// The names after a rule change that left `rules` (name, slot) in force: those, and the
+    /// deleted rules' names whose slot no other rule took, so the sessions they made can still
+    /// be listed and deleted by rule name.
+    pub fn after(&self, rules: &[(String, u32)]) -> Self {
+        let mut names: BTreeMap<u32, String> = self
+            .0
+            .iter()
+            .filter(|(_, name)| !rules.iter().any(|(n, _)| n == *name))
+            .map(|(slot, name)| (*slot, name.clone()))
+            .collect();
+        names.extend(rules.iter().map(|(n, s)| (*s, n.clone())));
+        RuleNames(names)
+    }
+
+    /// Slot -> name.
+    pub fn by_slot(&self) -> &BTreeMap<u32, String> {
+        &self.0
+    }
+
     /// The name of `slot`; `None` for [`NO_RULE`] or a slot no rule holds any more.
     pub fn name(&self, slot: u32) -> Option<&str> {
         if slot == NO_RULE {
@@ -710,6 +729,20 @@ mod tests {
             ),
             Err("no rule named \"nope\"".into())
         );
+    }
+
+    #[test]
+    fn deleted_rules_keep_their_name_until_their_slot_is_taken() {
+        let n = RuleNames::default().after(&[("a".into(), 0), ("b".into(), 1)]);
+        // b deleted, c added on a fresh slot: b's sessions still list as b.
+        let n = n.after(&[("a".into(), 0), ("c".into(), 2)]);
+        assert_eq!(n.name(1), Some("b"));
+        assert!(n.contains("b") && n.contains("c"));
+        // b's slot taken over by d: the name goes; a rule renamed on its slot keeps one name.
+        let n = n.after(&[("a2".into(), 0), ("d".into(), 1)]);
+        assert_eq!(n.name(1), Some("d"));
+        assert_eq!(n.name(0), Some("a2"));
+        assert!(!n.contains("b") && !n.contains("a"));
     }
 
     #[test]

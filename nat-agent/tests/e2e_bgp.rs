@@ -139,7 +139,7 @@ fn vips_are_announced_while_translating_and_withdrawn_after() -> Result<()> {
         &bgp_config(ROUTER_PEER, ROUTER_AS, NAT_PEER, NAT_AS, &[]),
     )?;
     // Nothing is announced before the agent runs.
-    thread_sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2));
     ensure!(
         router_routes(&router)?.is_empty(),
         "announced before the agent started"
@@ -185,8 +185,4 @@ fn vips_are_announced_while_translating_and_withdrawn_after() -> Result<()> {
     ensure!(own.trim().is_empty(), "VIP routes left behind: {own}");
     wait_for_routes(&router, &[])?;
     Ok(())
-}
-
-fn thread_sleep(d: Duration) {
-    std::thread::sleep(d);
 }

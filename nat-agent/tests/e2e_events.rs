@@ -162,15 +162,18 @@ fn sessions_created_and_deleted_are_logged_as_json_lines() -> Result<()> {
     ensure!(dropped == 0.0);
     agent.stop(Duration::from_secs(10))?;
 
-    // Off by default: the same traffic writes nothing anywhere.
-    let quiet = scratch.join("quiet.jsonl");
+    // Off by default: a new session, and no event on the agent's output.
     let mut agent = Agent::start(&lab.nat, &config(""))?;
     let socket = udp_bind(
         lab.client.name(),
         SocketAddrV4::new(DnatLab::CLIENT_ADDR, 40124),
     )?;
     udp_peer_roundtrip(&socket, udp.local_addr(), Duration::from_secs(2))?;
-    ensure!(!quiet.exists());
+    let listed = agent.sessions_list(&["--port", "40124"])?;
+    ensure!(
+        agent::session_entries(&listed)?.len() == 1,
+        "the flow made no session: {listed}"
+    );
     ensure!(agent.log_tail(100_000).matches("\"event\":").count() == 0);
     agent.stop(Duration::from_secs(10))?;
     Ok(())

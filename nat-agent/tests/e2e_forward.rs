@@ -13,39 +13,7 @@ use nat_lab::{
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{attach_pass_through, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
-
-fn snat_config() -> String {
-    format!(
-        r#"
-[agent]
-metrics_listen = "{METRICS_LISTEN}"
-api_socket = "{API_SOCKET_PLACEHOLDER}"
-
-[conntrack]
-max_sessions = 4096
-
-[[interfaces]]
-name = "{inside}"
-xdp_mode = "native"
-forwarding = "xdp"
-
-[[interfaces]]
-name = "{outside}"
-xdp_mode = "native"
-forwarding = "xdp"
-
-[[snat]]
-id = 100
-name = "private-out"
-source = "{private}"
-masquerade = true
-"#,
-        inside = SnatLab::NAT_INSIDE_IF,
-        outside = SnatLab::NAT_OUTSIDE_IF,
-        private = SnatLab::PRIVATE_NET,
-    )
-}
+use agent::{attach_pass_through, snat_xdp_config, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
 
 /// `Ip: ForwDatagrams` of the namespace: packets the kernel forwarded.
 fn kernel_forwarded(ns: &Netns) -> Result<u64> {
@@ -74,7 +42,7 @@ fn snat_flows_leave_from_xdp_and_the_first_neighbour_is_learned() -> Result<()> 
         lab.public.name(),
         SocketAddrV4::new(SnatLab::PUBLIC_ADDR, 7000),
     )?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     let forwarded_before = kernel_forwarded(&lab.nat)?;
 
     // ICMP, then TCP with a bounded number of round trips. The very first packets meet an
@@ -159,7 +127,7 @@ fn snat_flows_leave_from_xdp_and_the_first_neighbour_is_learned() -> Result<()> 
 #[test]
 fn tracepath_shows_the_nat_hop_when_xdp_forwards() -> Result<()> {
     let lab = SnatLab::new()?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     let out = lab.private.run(
         "tracepath",
         ["-n", "-m", "2", &SnatLab::PUBLIC_ADDR.to_string()],
@@ -199,7 +167,7 @@ fn tracepath_shows_the_nat_hop_when_xdp_forwards() -> Result<()> {
 #[test]
 fn icmp_errors_reach_inside_hosts_and_the_appliance() -> Result<()> {
     let lab = SnatLab::new()?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     let target = SnatLab::PUBLIC_ADDR.to_string();
 
     // Port 9 has no listener on the public host: its port unreachable, sent to the NAT's

@@ -22,41 +22,9 @@ use nat_lab::{
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{attach_pass_through, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
+use agent::{attach_pass_through, snat_xdp_config, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
 
 /// MASQUERADE of the private network, both interfaces forwarding from XDP (as e2e_forward).
-fn snat_config() -> String {
-    format!(
-        r#"
-[agent]
-metrics_listen = "{METRICS_LISTEN}"
-api_socket = "{API_SOCKET_PLACEHOLDER}"
-
-[conntrack]
-max_sessions = 4096
-
-[[interfaces]]
-name = "{inside}"
-xdp_mode = "native"
-forwarding = "xdp"
-
-[[interfaces]]
-name = "{outside}"
-xdp_mode = "native"
-forwarding = "xdp"
-
-[[snat]]
-id = 100
-name = "private-out"
-source = "{private}"
-masquerade = true
-"#,
-        inside = SnatLab::NAT_INSIDE_IF,
-        outside = SnatLab::NAT_OUTSIDE_IF,
-        private = SnatLab::PRIVATE_NET,
-    )
-}
-
 /// Runs `program args` in `ns`, bounded by `timeout`; its stdout.
 fn run_bounded(ns: &Netns, timeout: Duration, program: &str, args: &[&str]) -> Result<String> {
     let mut cmd = netns_command(ns.name(), program);
@@ -81,7 +49,7 @@ fn json_number(json: &serde_json::Value, path: &[&str]) -> Result<f64> {
 fn iperf3_tcp_and_udp_and_ping_through_the_nat_with_xdp_forwarding() -> Result<()> {
     require_tools(&["iperf3", "ping"])?;
     let lab = SnatLab::new()?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     let server_addr = SnatLab::PUBLIC_ADDR.to_string();
     let _server = lab.public.spawn(
         "iperf3",
@@ -158,7 +126,7 @@ const BIG_UDP_PAYLOAD: &str = "bytes((i * 7) % 251 for i in range(4000))";
 #[test]
 fn a_fragmented_4000_byte_udp_datagram_crosses_the_nat_whole_both_ways() -> Result<()> {
     let lab = SnatLab::new()?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     // The server answers with the datagram itself when it arrived whole and intact, with
     // "bad <length>" otherwise: length and content are checked where the datagram lands.
     let server = format!(
@@ -267,7 +235,7 @@ fn a_path_mtu_drop_beyond_the_nat_is_learned_through_the_translated_icmp_error()
     require_tools(&["curl"])?;
     let lab = SnatLab::new()?;
     let far = far_network_behind_a_small_mtu(&lab)?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     upload_one_megabyte(&lab.private, &far, "198.19.200.2", &mut agent)?;
     // The inside host must have learned the MTU: its route cache says so.
     let cached = lab
@@ -370,7 +338,7 @@ fn a_smaller_mtu_on_the_nats_own_egress_link_is_learned_by_the_inside_host() -> 
     )?;
     // (The server's side keeps 1500, so it advertises an MSS of 1460, which the client's
     // segments then exceed on the NAT's link.)
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     let public = SnatLab::PUBLIC_ADDR.to_string();
     upload_one_megabyte(&lab.private, &lab.public, &public, &mut agent)?;
     let cached = lab
@@ -461,7 +429,7 @@ to_port = 8000
 fn the_first_connection_after_the_neighbour_table_is_flushed_succeeds() -> Result<()> {
     let lab = SnatLab::new()?;
     let _http = nat_lab::HttpEcho::start(lab.public.name(), &[80])?;
-    let mut agent = Agent::start(&lab.nat, &snat_config())?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
     let url = format!("http://{}/", SnatLab::PUBLIC_ADDR);
     nat_lab::http_get(lab.private.name(), &url).context("warm-up request")?;
     let before = agent

@@ -1,5 +1,12 @@
-//! The kernel's routing table, asked from XDP: which interface a packet would leave by and
-//! which source address the kernel would give it (what MASQUERADE needs).
+//! The kernel's routing table, asked from XDP: which interface a packet would leave by, which
+//! source address the kernel would give it (what MASQUERADE needs), whether it fits the route's
+//! MTU, and whether it is addressed to this host.
+//!
+//! Every question is one `bpf_fib_lookup` from this program's ingress interface, built by
+//! [`request`] (addresses only) or [`flow_request`] (the whole tuple, and a length to check the
+//! MTU against). Route-only questions skip the neighbour table (`SKIP_NEIGH`): whether the next
+//! hop's MAC is known does not change the answer. (The forwarding stage, `forward`, asks its own
+//! question: it needs the neighbour.)
 
 use aya_ebpf::{
     bindings::{
@@ -22,34 +29,57 @@ pub struct Egress {
     pub src: [u8; 4],
 }
 
-/// Looks up the route of a packet with tuple `key` that arrived on this program's interface.
-/// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
+/// A route question for `src` -> `dst` arriving on this program's interface.
 #[inline(always)]
-pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
+fn request(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> FibParams {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
     // below.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    params
+}
+
+/// A route question for a packet with tuple `key` and total length `tot_len` (non-zero: the
+/// kernel compares it with the route's MTU).
+#[inline(always)]
+fn flow_request(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> FibParams {
+    let mut params = request(ctx, key.src, key.dst);
     params.l4_protocol = key.proto;
     params.sport = u16::from_ne_bytes(key.sport);
     params.dport = u16::from_ne_bytes(key.dport);
     params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(key.src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(key.dst);
-    // SKIP_NEIGH: only the route matters here, not whether the next hop's MAC is known.
-    // SRC: fill in the preferred source address of the route (kernel 6.7+).
-    let flags = BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH;
+    params
+}
+
+/// Asks the kernel; the answer's fields are written into `params`. Returns its code.
+#[inline(always)]
+fn lookup(ctx: &XdpContext, params: &mut FibParams, flags: u32) -> i64 {
     // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
-    let rc = unsafe {
+    unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             flags,
         )
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    }
+}
+
+/// Looks up the route of a packet with tuple `key` that arrived on this program's interface.
+/// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
+#[inline(always)]
+pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
+    let mut params = flow_request(ctx, key, tot_len);
+    // SRC: fill in the preferred source address of the route (kernel 6.7+).
+    if lookup(
+        ctx,
+        &mut params,
+        BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+    ) != BPF_FIB_LKUP_RET_SUCCESS as i64
+    {
         return None;
     }
     // SAFETY: the kernel wrote the IPv4 source for an AF_INET lookup.
@@ -60,33 +90,30 @@ pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
     })
 }
 
+/// The address this host would send from towards `dst` (the route's preferred source): the
+/// source of an answer the program builds itself.
+#[inline(always)]
+pub fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
+    let mut params = request(ctx, [0; 4], dst);
+    if lookup(
+        ctx,
+        &mut params,
+        BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
+    ) != BPF_FIB_LKUP_RET_SUCCESS as i64
+    {
+        return None;
+    }
+    // SAFETY: the kernel wrote the IPv4 source for an AF_INET lookup.
+    Some(unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes())
+}
+
 /// The MTU of the route of a packet with tuple `key`, arriving on this program's interface, when
 /// it is smaller than the packet's `tot_len` (the kernel would answer "fragmentation needed");
 /// `None` when the packet fits or there is no route.
 #[inline(always)]
 pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
-    // below.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = key.proto;
-    params.sport = u16::from_ne_bytes(key.sport);
-    params.dport = u16::from_ne_bytes(key.dport);
-    // A non-zero length makes the kernel compare it with the route's MTU.
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(key.src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(key.dst);
-    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut params,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    if rc != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+    let mut params = flow_request(ctx, key, tot_len);
+    if lookup(ctx, &mut params, BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         return None;
     }
     // SAFETY: the kernel wrote the route's MTU for a FRAG_NEEDED answer.
@@ -97,21 +124,6 @@ pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32>
 /// this host (a local, broadcast or multicast route: the FIB says "not forwarded").
 #[inline(always)]
 pub fn is_local(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> bool {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
-    // below.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut params,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64
+    let mut params = request(ctx, src, dst);
+    lookup(ctx, &mut params, BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED as i64
 }

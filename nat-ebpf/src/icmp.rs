@@ -50,6 +50,7 @@ use crate::{
     },
     packet::ptr_at,
     parse::{l4_header, parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
+    rewrite::{addr_delta, port_delta},
     snat::{self, SnatDecision},
 };
 
@@ -445,26 +446,4 @@ fn rewrite(
 
     icmp.check = icmp_check.to_be_bytes();
     Ok(())
-}
-
-/// `check` adjusted for both addresses changing from `from` to `to`.
-#[inline(always)]
-fn addr_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
-    let c = checksum::update_addr(check, from.src, to.src);
-    checksum::update_addr(c, from.dst, to.dst)
-}
-
-/// `check` adjusted for both ports changing from `from` to `to`.
-#[inline(always)]
-fn port_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
-    let c = checksum::update_u16(
-        check,
-        u16::from_be_bytes(from.sport),
-        u16::from_be_bytes(to.sport),
-    );
-    checksum::update_u16(
-        c,
-        u16::from_be_bytes(from.dport),
-        u16::from_be_bytes(to.dport),
-    )
 }

@@ -21,7 +21,7 @@ use nat_common::{
     },
     ports::{PortBitmap, PortSpace, MAX_PORT_SPACES},
     rules::NatRuleSet,
-    stats::{ForwardResult, Reason, RuleCounters},
+    stats::RuleCounters,
 };
 
 /// Which rule bank new decisions use (see `nat_common::maps::RULE_BANK`): entry 0 is 0 or 1.

@@ -109,14 +109,14 @@ pub fn rewrite(
 
 /// `check` adjusted for both addresses changing from `from` to `to`.
 #[inline(always)]
-fn addr_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
+pub(crate) fn addr_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
     let c = checksum::update_addr(check, from.src, to.src);
     checksum::update_addr(c, from.dst, to.dst)
 }
 
 /// `check` adjusted for both ports changing from `from` to `to`.
 #[inline(always)]
-fn port_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
+pub(crate) fn port_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
     let c = checksum::update_u16(
         check,
         u16::from_be_bytes(from.sport),

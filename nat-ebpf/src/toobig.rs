@@ -12,16 +12,13 @@
 //! (XDP_TX) to the neighbour that sent it.
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
-        BPF_FIB_LOOKUP_SRC,
-    },
-    helpers::{bpf_fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use nat_common::{maps::TOO_BIG_SLOT, stats::Reason};
 
 use crate::{
+    fib::source_towards,
     maps::{PROGRAMS, TOO_BIG_MTU},
     packet::{frame_len, ptr_at},
     parse::parse_ipv4,
@@ -143,29 +140,4 @@ fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
-}
-
-/// The address this host would send from towards `dst` (the route's preferred source), for the
-/// answer's source.
-#[inline(always)]
-fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.family = 2;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut params,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return None;
-    }
-    // SAFETY: the kernel wrote the IPv4 source for an AF_INET lookup.
-    Some(unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes())
 }

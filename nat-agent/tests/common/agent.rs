@@ -385,6 +385,40 @@ pub fn attach_pass_through(ns: &str, device: &str) -> Result<aya::Ebpf> {
     })
 }
 
+/// The SNAT lab's agent config with XDP forwarding on both interfaces: MASQUERADE of the
+/// private network, a private API socket, metrics on [`METRICS_LISTEN`].
+pub fn snat_xdp_config() -> String {
+    format!(
+        r#"
+[agent]
+metrics_listen = "{METRICS_LISTEN}"
+api_socket = "{API_SOCKET_PLACEHOLDER}"
+
+[conntrack]
+max_sessions = 4096
+
+[[interfaces]]
+name = "{inside}"
+xdp_mode = "native"
+forwarding = "xdp"
+
+[[interfaces]]
+name = "{outside}"
+xdp_mode = "native"
+forwarding = "xdp"
+
+[[snat]]
+id = 100
+name = "private-out"
+source = "{private}"
+masquerade = true
+"#,
+        inside = nat_lab::SnatLab::NAT_INSIDE_IF,
+        outside = nat_lab::SnatLab::NAT_OUTSIDE_IF,
+        private = nat_lab::SnatLab::PRIVATE_NET,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
