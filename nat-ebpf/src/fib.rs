@@ -68,11 +68,10 @@ fn lookup(ctx: &XdpContext, params: &mut FibParams, flags: u32) -> i64 {
     }
 }
 
-/// Looks up the route of a packet with tuple `key` that arrived on this program's interface.
-/// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
+/// The egress interface and preferred source of the route `params` asks for; `None` when the
+/// kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
-pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
-    let mut params = flow_request(ctx, key, tot_len);
+fn route_with_source(ctx: &XdpContext, mut params: FibParams) -> Option<Egress> {
     // SRC: fill in the preferred source address of the route (kernel 6.7+).
     if lookup(
         ctx,
@@ -90,21 +89,18 @@ pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
     })
 }
 
+/// Looks up the route of a packet with tuple `key` that arrived on this program's interface.
+/// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
+#[inline(always)]
+pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
+    route_with_source(ctx, flow_request(ctx, key, tot_len))
+}
+
 /// The address this host would send from towards `dst` (the route's preferred source): the
 /// source of an answer the program builds itself.
 #[inline(always)]
 pub fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
-    let mut params = request(ctx, [0; 4], dst);
-    if lookup(
-        ctx,
-        &mut params,
-        BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
-    ) != BPF_FIB_LKUP_RET_SUCCESS as i64
-    {
-        return None;
-    }
-    // SAFETY: the kernel wrote the IPv4 source for an AF_INET lookup.
-    Some(unsafe { params.__bindgen_anon_3.ipv4_src }.to_ne_bytes())
+    route_with_source(ctx, request(ctx, [0; 4], dst)).map(|route| route.src)
 }
 
 /// The MTU of the route of a packet with tuple `key`, arriving on this program's interface, when
