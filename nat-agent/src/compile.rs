@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 use nat_common::maps::MAX_RULES;
+use nat_common::prefilter::{BankFilters, FilterTable, PrefixFilter};
 use nat_common::rules::{
     NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT, RULE_SNAT_CHECK,
     RULE_STATEFUL,
@@ -47,6 +48,22 @@ pub struct Compiled {
     pub stateful: Vec<StatefulRule>,
     /// The bypass trie: destination prefix -> entries that can apply to it.
     pub bypass: BTreeMap<Ipv4Net, nat_common::bypass::BypassSet>,
+}
+
+impl Compiled {
+    /// The prefilters of the rule tries this rule set fills (see `nat_common::prefilter`),
+    /// written with them into the same bank.
+    pub fn filters(&self) -> BankFilters {
+        let of = |prefixes: &mut dyn Iterator<Item = &Ipv4Net>| {
+            PrefixFilter::of(prefixes.map(|p| (p.network().octets(), p.prefix_len())))
+        };
+        let mut filters = BankFilters::default();
+        filters.tables[FilterTable::Bypass as usize] = of(&mut self.bypass.keys());
+        filters.tables[FilterTable::DnatForward as usize] = of(&mut self.dnat.forward.keys());
+        filters.tables[FilterTable::DnatReverse as usize] = of(&mut self.dnat.reverse.keys());
+        filters.tables[FilterTable::Snat as usize] = of(&mut self.snat.sets.keys());
+        filters
+    }
 }
 
 /// Compiles `model`. Rule ids keep the counter slot they have in `history` (so counters carry
@@ -324,6 +341,41 @@ mod tests {
                 ports: DEFAULT_SNAT_PORTS,
             },
         }
+    }
+
+    #[test]
+    fn prefilters_list_each_tries_prefixes() {
+        let compiled = compile(
+            &model(
+                vec![rule(
+                    1,
+                    "203.0.113.10/32",
+                    Some((80, 80)),
+                    "198.18.1.10/32",
+                    None,
+                )],
+                vec![masquerade(20, "198.18.64.0/18")],
+            ),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let filters = compiled.filters();
+        let table = |t: FilterTable| filters.tables[t as usize];
+        assert!(table(FilterTable::DnatForward).may_match([203, 0, 113, 10]));
+        assert!(!table(FilterTable::DnatForward).may_match([203, 0, 113, 11]));
+        // Reverse entries exist exactly for the stateless rule's backend.
+        assert_eq!(
+            table(FilterTable::DnatReverse).may_match([198, 18, 1, 10]),
+            compiled
+                .dnat
+                .reverse
+                .keys()
+                .any(|p| p.contains(&"198.18.1.10".parse::<std::net::Ipv4Addr>().unwrap()))
+        );
+        assert!(table(FilterTable::Snat).may_match([198, 18, 100, 1]));
+        assert!(!table(FilterTable::Snat).may_match([198, 51, 100, 1]));
+        // No bypass entries: the bypass trie is never asked.
+        assert!(!table(FilterTable::Bypass).may_match([198, 18, 100, 1]));
     }
 
     fn rule(id: u32, dst: &str, p: Option<(u16, u16)>, to: &str, to_port: Option<u16>) -> DnatRule {

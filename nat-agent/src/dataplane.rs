@@ -45,7 +45,8 @@ use nat_common::{
         XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM, XDP_TOO_BIG_PROGRAM,
     },
     maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS, PATH_MTU_FLOOR},
-    maps::{PORT_BITMAPS, PORT_SPACES},
+    maps::{PORT_BITMAPS, PORT_SPACES, RULE_FILTERS},
+    prefilter::BankFilters,
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
@@ -562,6 +563,8 @@ impl Dataplane {
         .with_context(|| format!("writing the DNAT rules into rule bank {target}"))?;
         write_bypass(&mut self.ebpf, target, &compiled.bypass)
             .with_context(|| format!("writing the bypass entries into rule bank {target}"))?;
+        write_filters(&mut self.ebpf, target, &compiled.filters())
+            .with_context(|| format!("writing the trie prefilters of rule bank {target}"))?;
         let map = self
             .ebpf
             .map_mut(RULE_BANK)
@@ -769,6 +772,19 @@ fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
         store = store.with_ports(ports::PortIndex::new(spaces, bitmaps)?);
     }
     Ok(Some(store))
+}
+
+/// Writes the prefilters of one bank's rule tries (after the tries, before the flip). An
+/// object without `RULE_FILTERS` looks every address up.
+fn write_filters(ebpf: &mut Ebpf, bank: u32, filters: &BankFilters) -> Result<()> {
+    let Some(map) = ebpf.map_mut(RULE_FILTERS) else {
+        return Ok(());
+    };
+    let mut table: Array<&mut MapData, BankFilters> =
+        Array::try_from(map).with_context(|| format!("opening {RULE_FILTERS}"))?;
+    table
+        .set(bank, *filters, 0)
+        .with_context(|| format!("writing {RULE_FILTERS}[{bank}]"))
 }
 
 /// Brings one bank of `BYPASS` to `desired`: every desired set written (in place), then the

@@ -196,3 +196,104 @@ fn snat_pool_change_applies_to_new_flows_and_sessions_keep_theirs() {
         ),
     );
 }
+
+/// SNAT from `sources` (each a /24 of 198.18.x.0) and one DNAT VIP per entry of `vips`.
+fn many_prefixes_config(sources: &[u8], vips: &[u8]) -> String {
+    let mut config = String::from(
+        r#"
+[[interfaces]]
+name = "nat0"
+
+[conntrack]
+max_sessions = 1024
+"#,
+    );
+    for (i, x) in sources.iter().enumerate() {
+        config.push_str(&format!(
+            r#"
+[[snat]]
+id = {id}
+name = "out{x}"
+source = "198.18.{x}.0/24"
+to_address = "203.0.113.{x}"
+"#,
+            id = 100 + i,
+        ));
+    }
+    for (i, x) in vips.iter().enumerate() {
+        config.push_str(&format!(
+            r#"
+[[dnat]]
+id = {id}
+name = "vip{x}"
+destination = "198.18.200.{x}"
+to_address = "198.18.201.{x}"
+"#,
+            id = 200 + i,
+        ));
+    }
+    config
+}
+
+/// The trie prefilters (`nat_common::prefilter`) only skip lookups that find nothing: with a
+/// few prefixes (listed) and with more than a filter holds (always look up), every prefix still
+/// matches after each bank flip, and addresses outside them match nothing.
+#[test]
+fn prefilters_follow_the_prefixes_of_each_bank() {
+    let few: Vec<u8> = vec![1, 2];
+    let many: Vec<u8> = (1..=12).collect();
+    let mut fx = Fixture::load(&many_prefixes_config(&few, &few));
+    for (round, (sources, vips)) in [(&many, &few), (&few, &many), (&many, &many), (&few, &few)]
+        .into_iter()
+        .enumerate()
+    {
+        fx.reload(&many_prefixes_config(sources, vips));
+        for &x in sources.iter() {
+            let name: &'static str = Box::leak(format!("out{x}").into_boxed_str());
+            let host = format!("198.18.{x}.{}", 10 + round);
+            fx.check(
+                &format!("round {round}: SNAT from {host}"),
+                // A port per round: the previous round's flow holds this one on the address.
+                &Packet::udp(&host, 5000 + round as u16, "198.51.100.53", 53).build(),
+                &Expect::session(
+                    Reason::SessionNew,
+                    Packet::udp(
+                        &format!("203.0.113.{x}"),
+                        5000 + round as u16,
+                        "198.51.100.53",
+                        53,
+                    )
+                    .build(),
+                    &[(name, Dir::Original)],
+                ),
+            );
+        }
+        for &x in vips.iter() {
+            let name: &'static str = Box::leak(format!("vip{x}").into_boxed_str());
+            fx.check(
+                &format!("round {round}: DNAT to VIP {x}"),
+                &Packet::udp(CLIENT, 4000 + round as u16, &format!("198.18.200.{x}"), 53).build(),
+                &Expect::forward(
+                    name,
+                    Packet::udp(CLIENT, 4000 + round as u16, &format!("198.18.201.{x}"), 53)
+                        .build(),
+                ),
+            );
+        }
+        // Outside every prefix of this bank, including those only the other bank had.
+        let outside = Packet::udp("198.18.13.9", 5000, "198.18.200.13", 53).build();
+        fx.check(
+            &format!("round {round}: neither a source nor a VIP"),
+            &outside,
+            &Expect::pass_unchanged(Reason::NoMatch, &outside),
+        );
+        if sources.len() == few.len() {
+            let gone = Packet::udp("198.18.12.9", 5000, "198.51.100.53", 53).build();
+            fx.check(
+                &format!("round {round}: a source only the other bank had"),
+                &gone,
+                &Expect::pass_unchanged(Reason::NoMatch, &gone),
+            );
+        }
+    }
+}

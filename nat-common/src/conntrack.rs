@@ -36,17 +36,33 @@ pub struct FlowKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
 impl FlowKey {
+    /// A tuple from its fields (addresses and ports in network order), pad zero.
+    ///
+    /// Built from four 32-bit words on purpose: written as a struct literal, the three zero pad
+    /// bytes become a call to the BPF build's byte-by-byte `memset`, on every packet.
+    #[inline(always)]
+    pub const fn new(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        let words = [
+            u32::from_ne_bytes(src),
+            u32::from_ne_bytes(dst),
+            u32::from_ne_bytes([sport[0], sport[1], dport[0], dport[1]]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: FlowKey is repr(C), 16 bytes without implicit padding (asserted above), and
+        // every bit pattern is valid; the words hold its fields in declaration order.
+        unsafe { core::mem::transmute::<[u32; 4], FlowKey>(words) }
+    }
+
     /// The tuple of a packet travelling the other way.
     #[inline(always)]
     pub const fn reversed(&self) -> FlowKey {
-        FlowKey {
-            src: self.dst,
-            dst: self.src,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(self.dst, self.src, self.dport, self.sport, self.proto)
     }
 }
 

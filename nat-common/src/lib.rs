@@ -17,5 +17,6 @@ pub mod icmp;
 pub mod ipv4;
 pub mod maps;
 pub mod ports;
+pub mod prefilter;
 pub mod rules;
 pub mod stats;

@@ -15,6 +15,13 @@ pub const RULE_BANK: &str = "RULE_BANK";
 /// Number of rule banks.
 pub const RULE_BANKS: u32 = 2;
 
+/// Array indexed by rule bank, value: [`crate::prefilter::BankFilters`]: which addresses can
+/// match anything in each rule trie of that bank, so the program skips lookups that would find
+/// nothing. Written by the agent with the bank's tries, before the flip. Not pinned: a new
+/// program generation starts with every filter unknown (always look up) until its agent
+/// writes them.
+pub const RULE_FILTERS: &str = "RULE_FILTERS";
+
 /// The data part of a rule trie key: the bank byte, then the IPv4 address (network order).
 /// The key's prefix length counts the bank byte, so a /24 in bank 1 is stored as
 /// `Key::new(8 + 24, [1, a, b, c, 0])` and looked up with `Key::new(40, [1, a, b, c, d])`.
@@ -145,6 +152,16 @@ pub const IFACE_FORWARD: &str = "IFACE_FORWARD";
 pub const FORWARD_XDP: u32 = 1;
 /// Most interfaces in [`IFACE_FORWARD`].
 pub const MAX_INTERFACES: u32 = 256;
+/// Array indexed by ingress interface index (below [`IFACE_FLAG_SLOTS`]), value: `FORWARD_*`
+/// flags with [`IFACE_KNOWN`]. The same facts as [`IFACE_FORWARD`], read on every translated
+/// packet: an array lookup is inlined by the verifier, a hash lookup is a call and a hash (about
+/// 20 ns). An entry without [`IFACE_KNOWN`] (a new program generation before its agent wrote
+/// it, an interface index too large) sends the program to [`IFACE_FORWARD`]. Not pinned.
+pub const IFACE_FLAGS: &str = "IFACE_FLAGS";
+/// Interface indexes [`IFACE_FLAGS`] covers.
+pub const IFACE_FLAG_SLOTS: u32 = 4_096;
+/// [`IFACE_FLAGS`] flag: this entry is written and authoritative.
+pub const IFACE_KNOWN: u32 = 1 << 31;
 /// Per-CPU array indexed by [`crate::stats::ForwardResult`], value: packet count (u64).
 pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
 

@@ -1,6 +1,8 @@
 //! Sessions: translating packets of known flows in either direction, and creating a session
 //! (with its reply entry) for the first packet of a new one.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use nat_common::{
     conntrack::{Dir, Endpoint, FlowKey, Session, TcpState, NO_RULE, SESSION_DNAT, SESSION_SNAT},
@@ -15,6 +17,7 @@ use crate::{
     rewrite::rewrite,
     snat::{self, SnatChoice},
     stats::{count_rule, Direction},
+    zero::zero_fill,
 };
 
 /// `-EEXIST` as returned by map updates with `BPF_NOEXIST`.
@@ -238,20 +241,21 @@ pub fn create(
         },
         Err(_) => return Err(refuse(Reason::TableFull)),
     }
-    let session = Session {
-        translated: to,
-        dnat_rule: dnat_rule.unwrap_or(NO_RULE),
-        snat_rule: match (&snat, &allocation) {
-            (Some(c), Some(_)) => c.rule_slot,
-            _ => NO_RULE,
-        },
-        created_ns: now,
-        last_seen_ns: now,
-        tcp_state,
-        flags,
-        ..Session::default()
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: an all-zero Session is a valid, empty one (no packets, no rules, no flags).
+    // Filled in place: a literal with `..Session::default()` costs a byte-wise `memset`.
+    let session: &mut Session = unsafe { zero_fill(&mut slot) };
+    session.translated = to;
+    session.dnat_rule = dnat_rule.unwrap_or(NO_RULE);
+    session.snat_rule = match (&snat, &allocation) {
+        (Some(c), Some(_)) => c.rule_slot,
+        _ => NO_RULE,
     };
-    let created = match SESSIONS.insert(key, &session, BPF_NOEXIST as u64) {
+    session.created_ns = now;
+    session.last_seen_ns = now;
+    session.tcp_state = tcp_state;
+    session.flags = flags;
+    let created = match SESSIONS.insert(key, &*session, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU created this flow's session a moment ago: use that one.
         Err(e) if e == EEXIST => false,
@@ -261,7 +265,7 @@ pub fn create(
         }
     };
     if created {
-        crate::events::session_created(key, &session);
+        crate::events::session_created(key, session);
     }
     let Some(stored) = SESSIONS.get_ptr_mut(key) else {
         return Err(Reason::TableFull);

@@ -2,12 +2,17 @@
 //! array lookup per new session. On: one ring-buffer write; a full ring drops the event and
 //! counts it, never stalls the packet.
 
+use core::mem::MaybeUninit;
+
 use nat_common::{
     conntrack::{FlowKey, Session},
     events::{SessionEvent, EVENTS_ON, EVENT_CREATED},
 };
 
-use crate::maps::{EVENT_CONFIG, EVENT_DROPS, SESSION_EVENTS};
+use crate::{
+    maps::{EVENT_CONFIG, EVENT_DROPS, SESSION_EVENTS},
+    zero::zero_fill,
+};
 
 /// Reports a session this program run created.
 #[inline(always)]
@@ -16,15 +21,15 @@ pub fn session_created(key: &FlowKey, session: &Session) {
         Some(&on) if on == EVENTS_ON => {}
         _ => return,
     }
-    let event = SessionEvent {
-        key: *key,
-        translated: session.translated,
-        dnat_rule: session.dnat_rule,
-        snat_rule: session.snat_rule,
-        kind: EVENT_CREATED,
-        _pad: [0; 7],
-    };
-    if SESSION_EVENTS.output::<SessionEvent>(&event, 0).is_err() {
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: all-zero is a valid SessionEvent. Filled in place (see `zero`).
+    let event: &mut SessionEvent = unsafe { zero_fill(&mut slot) };
+    event.key = *key;
+    event.translated = session.translated;
+    event.dnat_rule = session.dnat_rule;
+    event.snat_rule = session.snat_rule;
+    event.kind = EVENT_CREATED;
+    if SESSION_EVENTS.output::<SessionEvent>(event, 0).is_err() {
         if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
             // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
             unsafe { *drops += 1 };

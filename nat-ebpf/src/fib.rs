@@ -8,6 +8,8 @@
 //! hop's MAC is known does not change the answer. (The forwarding stage, `forward`, asks its own
 //! question: it needs the neighbour.)
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
@@ -17,6 +19,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nat_common::conntrack::FlowKey;
+
+use crate::zero::zero_fill;
 
 const AF_INET: u8 = 2;
 
@@ -29,12 +33,19 @@ pub struct Egress {
     pub src: [u8; 4],
 }
 
-/// A route question for `src` -> `dst` arriving on this program's interface.
+/// A route question for `src` -> `dst` arriving on this program's interface, written into
+/// `slot` in place (see `zero`: a request built and returned by value costs a byte-wise
+/// `memset`).
 #[inline(always)]
-fn request(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> FibParams {
+fn request<'a>(
+    ctx: &XdpContext,
+    slot: &'a mut MaybeUninit<FibParams>,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> &'a mut FibParams {
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request; the fields used are set
     // below.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let params = unsafe { zero_fill(slot) };
     params.family = AF_INET;
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
@@ -43,10 +54,15 @@ fn request(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> FibParams {
 }
 
 /// A route question for a packet with tuple `key` and total length `tot_len` (non-zero: the
-/// kernel compares it with the route's MTU).
+/// kernel compares it with the route's MTU), written into `slot`.
 #[inline(always)]
-fn flow_request(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> FibParams {
-    let mut params = request(ctx, key.src, key.dst);
+fn flow_request<'a>(
+    ctx: &XdpContext,
+    slot: &'a mut MaybeUninit<FibParams>,
+    key: &FlowKey,
+    tot_len: u16,
+) -> &'a mut FibParams {
+    let params = request(ctx, slot, key.src, key.dst);
     params.l4_protocol = key.proto;
     params.sport = u16::from_ne_bytes(key.sport);
     params.dport = u16::from_ne_bytes(key.dport);
@@ -71,13 +87,10 @@ fn lookup(ctx: &XdpContext, params: &mut FibParams, flags: u32) -> i64 {
 /// The egress interface and preferred source of the route `params` asks for; `None` when the
 /// kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
-fn route_with_source(ctx: &XdpContext, mut params: FibParams) -> Option<Egress> {
+fn route_with_source(ctx: &XdpContext, params: &mut FibParams) -> Option<Egress> {
     // SRC: fill in the preferred source address of the route (kernel 6.7+).
-    if lookup(
-        ctx,
-        &mut params,
-        BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH,
-    ) != BPF_FIB_LKUP_RET_SUCCESS as i64
+    if lookup(ctx, params, BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH)
+        != BPF_FIB_LKUP_RET_SUCCESS as i64
     {
         return None;
     }
@@ -93,14 +106,16 @@ fn route_with_source(ctx: &XdpContext, mut params: FibParams) -> Option<Egress> 
 /// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
 pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
-    route_with_source(ctx, flow_request(ctx, key, tot_len))
+    let mut slot = MaybeUninit::uninit();
+    route_with_source(ctx, flow_request(ctx, &mut slot, key, tot_len))
 }
 
 /// The address this host would send from towards `dst` (the route's preferred source): the
 /// source of an answer the program builds itself.
 #[inline(always)]
 pub fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
-    route_with_source(ctx, request(ctx, [0; 4], dst)).map(|route| route.src)
+    let mut slot = MaybeUninit::uninit();
+    route_with_source(ctx, request(ctx, &mut slot, [0; 4], dst)).map(|route| route.src)
 }
 
 /// The MTU of the route of a packet with tuple `key`, arriving on this program's interface, when
@@ -108,8 +123,9 @@ pub fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
 /// `None` when the packet fits or there is no route.
 #[inline(always)]
 pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32> {
-    let mut params = flow_request(ctx, key, tot_len);
-    if lookup(ctx, &mut params, BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+    let mut slot = MaybeUninit::uninit();
+    let params = flow_request(ctx, &mut slot, key, tot_len);
+    if lookup(ctx, params, BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         return None;
     }
     // SAFETY: the kernel wrote the route's MTU for a FRAG_NEEDED answer.
@@ -120,6 +136,7 @@ pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32>
 /// this host (a local, broadcast or multicast route: the FIB says "not forwarded").
 #[inline(always)]
 pub fn is_local(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> bool {
-    let mut params = request(ctx, src, dst);
-    lookup(ctx, &mut params, BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED as i64
+    let mut slot = MaybeUninit::uninit();
+    let params = request(ctx, &mut slot, src, dst);
+    lookup(ctx, params, BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED as i64
 }

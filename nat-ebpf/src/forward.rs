@@ -4,6 +4,8 @@
 //! finish (unknown neighbour, oversize, no route, VLAN) goes to the kernel, which resolves the
 //! neighbour or answers with ICMP; the next packets then take the fast path.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
@@ -12,15 +14,20 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use nat_common::{checksum, maps::FORWARD_XDP, stats::ForwardResult};
+use nat_common::{
+    checksum,
+    maps::{FORWARD_XDP, IFACE_KNOWN},
+    stats::ForwardResult,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
 
 use crate::{
-    maps::{FORWARD_COUNTERS, IFACE_FORWARD},
+    maps::{FORWARD_COUNTERS, IFACE_FLAGS, IFACE_FORWARD},
     packet::ptr_at,
+    zero::zero_fill,
 };
 
 const AF_INET: u8 = 2;
@@ -29,6 +36,13 @@ const AF_INET: u8 = 2;
 #[inline(always)]
 pub fn enabled(ctx: &XdpContext) -> bool {
     let ifindex = ctx.ingress_ifindex() as u32;
+    // The array first (an inlined lookup); the hash only for an entry the agent has not
+    // written (see `nat_common::maps::IFACE_FLAGS`).
+    if let Some(&flags) = IFACE_FLAGS.get(ifindex) {
+        if flags & IFACE_KNOWN != 0 {
+            return flags & FORWARD_XDP != 0;
+        }
+    }
     // SAFETY: plain value read from a successful lookup.
     matches!(IFACE_FORWARD.get_ptr(&ifindex), Some(flags) if unsafe { *flags } & FORWARD_XDP != 0)
 }
@@ -79,8 +93,9 @@ pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
     }
 
     let ingress = ctx.ingress_ifindex() as u32;
+    let mut slot = MaybeUninit::uninit();
     // SAFETY: an all-zero bpf_fib_lookup is a valid empty request; used fields are set below.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    let params: &mut FibParams = unsafe { zero_fill(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
     params.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
@@ -92,7 +107,7 @@ pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )

@@ -8,6 +8,8 @@
 //! rewrite it with made-up ports: address-only stateless rules still apply (they need no
 //! ports), a port rule passes it (`fragment_unmatched`), SNAT drops it (`snat_fragment`).
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use nat_common::{
     conntrack::{FlowKey, NO_RULE},
@@ -21,6 +23,7 @@ use crate::{
     parse::{Ipv4Packet, L4},
     rewrite::rewrite,
     stats::{count_rule, Direction},
+    zero::zero_fill,
 };
 
 #[inline(always)]
@@ -41,23 +44,21 @@ pub fn remember(pkt: &Ipv4Packet, to: &FlowKey, rule: u32, rule2: u32, direction
     if !pkt.info.is_fragment || pkt.info.is_later_fragment {
         return;
     }
-    let entry = FragEntry {
-        src: to.src,
-        dst: to.dst,
-        rule,
-        rule2,
-        // SAFETY: helper without arguments.
-        created_ns: unsafe { bpf_ktime_get_boot_ns() },
-        flags: if direction == Direction::Reply {
-            FRAG_REPLY
-        } else {
-            0
-        },
-        _pad: [0; 7],
-    };
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: all-zero is a valid FragEntry. Filled in place (see `zero`).
+    let entry: &mut FragEntry = unsafe { zero_fill(&mut slot) };
+    entry.src = to.src;
+    entry.dst = to.dst;
+    entry.rule = rule;
+    entry.rule2 = rule2;
+    // SAFETY: helper without arguments.
+    entry.created_ns = unsafe { bpf_ktime_get_boot_ns() };
+    if direction == Direction::Reply {
+        entry.flags = FRAG_REPLY;
+    }
     // An LRU insert only fails on allocation trouble; then the later fragments go the
     // unmatched way, which is safe.
-    let _ = FRAGMENTS.insert(&key_of(pkt), &entry, BPF_ANY as u64);
+    let _ = FRAGMENTS.insert(&key_of(pkt), entry, BPF_ANY as u64);
 }
 
 /// Translates a later fragment whose first fragment was translated a moment ago. `Ok(None)`:

@@ -36,6 +36,7 @@ use nat_common::{
     },
     ipv4::{proto, HeaderInfo},
     maps::ICMP_ERROR_SLOT,
+    prefilter::FilterTable,
     rules::RULE_SNAT_CHECK,
     stats::Reason,
 };
@@ -245,7 +246,7 @@ fn find_translation(
             }
         }
     }
-    if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, lookup.dst) {
+    if let Some(set) = rule_lookup(&DNAT_FORWARD, FilterTable::DnatForward, bank, lookup.dst) {
         let rule = dnat::find_rule(&quote.back, &quote.back_l4, set, Side::Destination)
             .map_err(|_| Reason::IcmpErrorPassed)?;
         if let Some(rule) = rule {
@@ -261,7 +262,7 @@ fn find_translation(
             // has a session, and that session is missing.
             if trackable
                 && rule.flags & RULE_SNAT_CHECK != 0
-                && rule_lookup(&SNAT_RULES, bank, to.src).is_some()
+                && rule_lookup(&SNAT_RULES, FilterTable::Snat, bank, to.src).is_some()
                 && matches!(
                     snat::decide(ctx, bank, &to, pkt.info.total_len as u16),
                     SnatDecision::Translate(_)
@@ -272,7 +273,7 @@ fn find_translation(
             return Ok(Found::To(to));
         }
     }
-    if let Some(set) = rule_lookup(&DNAT_REVERSE, bank, lookup.src) {
+    if let Some(set) = rule_lookup(&DNAT_REVERSE, FilterTable::DnatReverse, bank, lookup.src) {
         let rule = dnat::find_rule(&quote.back, &quote.back_l4, set, Side::Source)
             .map_err(|_| Reason::IcmpErrorPassed)?;
         if let Some(rule) = rule {
@@ -312,7 +313,7 @@ fn nat_only(
         return true;
     }
     // SNAT rules are asked last, as for packets: only a new flow would meet them.
-    rule_lookup(&SNAT_RULES, bank, lookup.src).is_some()
+    rule_lookup(&SNAT_RULES, FilterTable::Snat, bank, lookup.src).is_some()
         && matches!(
             snat::decide(ctx, bank, lookup, pkt.info.total_len as u16),
             SnatDecision::Translate(_)

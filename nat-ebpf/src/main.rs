@@ -28,6 +28,7 @@ mod rewrite;
 mod snat;
 mod stats;
 mod toobig;
+mod zero;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use nat_common::stats::{Action, Reason};

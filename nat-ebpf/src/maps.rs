@@ -15,11 +15,12 @@ use nat_common::{
     frag::{FragEntry, FragKey},
     maps::{
         banked, BankedPrefix, BANK_PREFIX_BITS, BPF_F_MMAPABLE, DEFAULT_MAX_SESSIONS,
-        FORWARD_RESULT_SLOTS, MAX_BYPASS_PREFIXES, MAX_DNAT_PREFIXES, MAX_FRAGMENTS,
-        MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES, PROGRAMS_LEN,
-        REASON_SLOTS, RULE_BANKS,
+        FORWARD_RESULT_SLOTS, IFACE_FLAG_SLOTS, MAX_BYPASS_PREFIXES, MAX_DNAT_PREFIXES,
+        MAX_FRAGMENTS, MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_POOLS, MAX_RULES, MAX_SNAT_PREFIXES,
+        PROGRAMS_LEN, REASON_SLOTS, RULE_BANKS,
     },
     ports::{PortBitmap, PortSpace, MAX_PORT_SPACES},
+    prefilter::{BankFilters, FilterTable},
     rules::NatRuleSet,
     stats::RuleCounters,
 };
@@ -27,6 +28,11 @@ use nat_common::{
 /// Which rule bank new decisions use (see `nat_common::maps::RULE_BANK`): entry 0 is 0 or 1.
 #[map(name = "RULE_BANK")]
 pub static RULE_BANK: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Rule bank -> which addresses can match anything in each of its rule tries (see
+/// `nat_common::prefilter`): a lookup the filter rules out is skipped.
+#[map(name = "RULE_FILTERS")]
+pub static RULE_FILTERS: Array<BankFilters> = Array::with_max_entries(RULE_BANKS, 0);
 
 /// Bank + destination prefix (network order) -> DNAT rules that can apply to it, in priority
 /// order.
@@ -119,13 +125,20 @@ pub fn rule_bank() -> u32 {
     }
 }
 
-/// Longest-prefix lookup of `addr` in `bank` of one of the rule tries.
+/// Longest-prefix lookup of `addr` in `bank` of one of the rule tries, `table` naming which
+/// (for its prefilter: a lookup that cannot find anything is not made).
 #[inline(always)]
 pub fn rule_lookup<V>(
     trie: &'static LpmTrie<BankedPrefix, V>,
+    table: FilterTable,
     bank: u32,
     addr: [u8; 4],
 ) -> Option<&'static V> {
+    if let Some(filters) = RULE_FILTERS.get(bank) {
+        if !filters.tables[table as usize].may_match(addr) {
+            return None;
+        }
+    }
     trie.get(Key::new(32 + BANK_PREFIX_BITS, banked(bank, addr)))
 }
 
@@ -141,6 +154,11 @@ pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN,
 pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 
 /// Ingress interface index -> `FORWARD_*` flags (absent: the kernel forwards).
+/// Ingress interface index -> `FORWARD_*` flags with `IFACE_KNOWN` (see
+/// `nat_common::maps::IFACE_FLAGS`): the fast copy of [`IFACE_FORWARD`].
+#[map(name = "IFACE_FLAGS")]
+pub static IFACE_FLAGS: Array<u32> = Array::with_max_entries(IFACE_FLAG_SLOTS, 0);
+
 #[map(name = "IFACE_FORWARD")]
 pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 

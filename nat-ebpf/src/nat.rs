@@ -21,6 +21,7 @@ use nat_common::{
     conntrack::{Endpoint, FlowKey},
     ipv4::{icmp_is_error, proto},
     maps::RULES_SLOT,
+    prefilter::FilterTable,
     rules::RULE_SNAT_CHECK,
     stats::Reason,
 };
@@ -44,7 +45,7 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
     let l4 = read_l4(ctx, &pkt);
     let bank = rule_bank();
     // Not ours, whatever else matches: health probes, management, exempt destinations.
-    if let Some(set) = rule_lookup(&BYPASS, bank, pkt.dst) {
+    if let Some(set) = rule_lookup(&BYPASS, FilterTable::Bypass, bank, pkt.dst) {
         let dport = match l4.kind {
             L4Kind::Tcp | L4Kind::Udp => Some(u16::from_be_bytes(l4.dport)),
             _ => None,
@@ -73,20 +74,20 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
             return Ok(reason);
         }
     }
-    if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, pkt.dst) {
+    if let Some(set) = rule_lookup(&DNAT_FORWARD, FilterTable::DnatForward, bank, pkt.dst) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Destination)? {
             // An SNAT check can only find something if the source has SNAT rules at all
             // (destination NAT leaves the source as it is): one trie lookup here spares
             // stateless DNAT flows the tail call.
             let snat_possible = rule.flags & RULE_SNAT_CHECK != 0
-                && rule_lookup(&SNAT_RULES, bank, pkt.src).is_some();
+                && rule_lookup(&SNAT_RULES, FilterTable::Snat, bank, pkt.src).is_some();
             if rule.is_stateful() || snat_possible {
                 return Err(to_rules_program(ctx));
             }
             return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Destination);
         }
     }
-    if let Some(set) = rule_lookup(&DNAT_REVERSE, bank, pkt.src) {
+    if let Some(set) = rule_lookup(&DNAT_REVERSE, FilterTable::DnatReverse, bank, pkt.src) {
         if let Some(rule) = dnat::find_rule(&pkt, &l4, set, Side::Source)? {
             // A backend talking to the appliance itself (its DNS, a health check the box
             // runs) is not a reply through the NAT: the box must see the backend's address.
@@ -96,7 +97,7 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
             return dnat::apply_stateless(ctx, &pkt, &l4, &key, &rule, Side::Source);
         }
     }
-    if rule_lookup(&SNAT_RULES, bank, pkt.src).is_some() {
+    if rule_lookup(&SNAT_RULES, FilterTable::Snat, bank, pkt.src).is_some() {
         return Err(to_rules_program(ctx));
     }
     Err(Reason::NoMatch)
@@ -124,7 +125,7 @@ pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
     let bank = rule_bank();
     // Destination first (PREROUTING), then source rules on the translated packet (POSTROUTING).
     let mut dnat_rule = None;
-    if let Some(set) = rule_lookup(&DNAT_FORWARD, bank, pkt.dst) {
+    if let Some(set) = rule_lookup(&DNAT_FORWARD, FilterTable::DnatForward, bank, pkt.dst) {
         dnat_rule = dnat::find_rule(&pkt, &l4, set, Side::Destination)?;
     }
     // Hairpinning: no DNAT rule, and the destination is an external endpoint the NAT holds for

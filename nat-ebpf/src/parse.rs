@@ -132,14 +132,7 @@ impl L4 {
     /// The packet's tuple, the key of its session if it has one.
     #[inline(always)]
     pub fn flow_key(&self, pkt: &Ipv4Packet) -> FlowKey {
-        FlowKey {
-            src: pkt.src,
-            dst: pkt.dst,
-            sport: self.sport,
-            dport: self.dport,
-            proto: pkt.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(pkt.src, pkt.dst, self.sport, self.dport, pkt.proto)
     }
 
     /// Whether the packet has a tuple connection tracking can key on: a TCP, UDP or ICMP echo

@@ -10,6 +10,7 @@ use nat_common::conntrack::{
     MAX_SNAT_RULES_PER_SET, SNAT_MASQUERADE, SNAT_NONE,
 };
 use nat_common::ports::find_free;
+use nat_common::prefilter::FilterTable;
 use nat_common::stats::Reason;
 
 use crate::{
@@ -51,7 +52,7 @@ pub enum SnatDecision {
 /// lookup state keeps the verifier's path count small.
 #[inline(always)]
 pub fn decide(ctx: &XdpContext, bank: u32, key: &FlowKey, tot_len: u16) -> SnatDecision {
-    let Some(set) = rule_lookup(&SNAT_RULES, bank, key.src) else {
+    let Some(set) = rule_lookup(&SNAT_RULES, FilterTable::Snat, bank, key.src) else {
         return SnatDecision::NoRule;
     };
     if is_local(key.dst) {

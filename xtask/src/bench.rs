@@ -67,6 +67,11 @@ pub struct TopologyArgs {
     #[arg(long, value_name = "KEYS", value_delimiter = ',')]
     only: Vec<String>,
 
+    /// Measure only these workloads (comma-separated keys as printed, e.g.
+    /// dnat-1flow,snat-1flow). For investigating one workload.
+    #[arg(long, value_name = "KEYS", value_delimiter = ',')]
+    workloads: Vec<String>,
+
     /// The CPU of the appliance's receive threads [default: the last one]; everything else
     /// runs on another.
     #[arg(long, value_name = "CPU")]
@@ -140,6 +145,7 @@ fn topo_plan(args: &TopologyArgs, cpus: usize) -> Result<TopoPlan> {
             nat_cpu,
             other_cpu,
             configs: Vec::new(),
+            workloads: Vec::new(),
         }
     } else {
         TopoPlan {
@@ -154,6 +160,7 @@ fn topo_plan(args: &TopologyArgs, cpus: usize) -> Result<TopoPlan> {
             nat_cpu,
             other_cpu,
             configs: Vec::new(),
+            workloads: Vec::new(),
         }
     };
     let mut configs = Vec::new();
@@ -172,6 +179,7 @@ fn topo_plan(args: &TopologyArgs, cpus: usize) -> Result<TopoPlan> {
     Ok(TopoPlan {
         reps: args.reps.unwrap_or(plan.reps),
         configs,
+        workloads: args.workloads.clone(),
         ..plan
     })
 }

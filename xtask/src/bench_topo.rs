@@ -66,6 +66,8 @@ pub struct TopoPlan {
     pub other_cpu: usize,
     /// The configurations measured (all of [`Config::ALL`] but when investigating one).
     pub configs: Vec<Config>,
+    /// Keys of the workloads measured (empty: all of [`Workload::all`]).
+    pub workloads: Vec<String>,
 }
 
 /// One of the configurations compared.
@@ -154,6 +156,26 @@ impl Workload {
             Workload::Iperf,
             Workload::Cps,
         ]
+    }
+
+    /// The workloads `plan.workloads` names (all when it names none); an unknown key is an
+    /// error naming the known ones.
+    pub fn selected(plan: &TopoPlan) -> Result<Vec<Workload>> {
+        let all = Workload::all(plan);
+        if plan.workloads.is_empty() {
+            return Ok(all);
+        }
+        let mut chosen = Vec::new();
+        for key in &plan.workloads {
+            match all.iter().find(|w| &w.key() == key) {
+                Some(w) => chosen.push(*w),
+                None => bail!(
+                    "--workloads {key}: not a workload (one of {})",
+                    all.iter().map(|w| w.key()).collect::<Vec<_>>().join(", ")
+                ),
+            }
+        }
+        Ok(chosen)
     }
 
     /// The key printed in the table.
@@ -703,7 +725,7 @@ pub struct Measured {
 pub fn run(plan: &TopoPlan, machine: Vec<(String, String)>) -> Result<TopoReport> {
     let topo = Topology::build(plan.nat_cpu, plan.other_cpu)?;
     let mut bench = Bench::setup(plan, &topo)?;
-    let workloads = Workload::all(plan);
+    let workloads = Workload::selected(plan)?;
     let mut cells: Vec<Cell> = Vec::new();
     for w in &workloads {
         for &c in &plan.configs {

@@ -4,14 +4,16 @@
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    maps::{HashMap as AyaHashMap, MapData},
+    maps::{Array, HashMap as AyaHashMap, MapData},
     programs::{
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
         Xdp, XdpMode as AyaXdpMode,
     },
 };
-use nat_common::maps::{FORWARD_XDP, IFACE_FORWARD, XDP_PROGRAM};
+use nat_common::maps::{
+    FORWARD_XDP, IFACE_FLAGS, IFACE_FLAG_SLOTS, IFACE_FORWARD, IFACE_KNOWN, XDP_PROGRAM,
+};
 use tracing::{info, warn};
 
 use super::{is_absent_key, pinned, Dataplane};
@@ -160,7 +162,9 @@ impl Dataplane {
         })
     }
 
-    /// Tells the program who forwards translated packets arriving on `iface`.
+    /// Tells the program who forwards translated packets arriving on `iface`: in the pinned
+    /// `IFACE_FORWARD`, and in this program generation's fast copy `IFACE_FLAGS` where the
+    /// interface index fits it.
     fn set_forwarding(&mut self, iface: &Interface) -> Result<()> {
         let ifindex = crate::sysctl::ifindex(&iface.name)?;
         let map = self
@@ -172,14 +176,32 @@ impl Dataplane {
         match iface.forwarding {
             Forwarding::Xdp => table
                 .insert(ifindex, FORWARD_XDP, 0)
-                .with_context(|| format!("enabling XDP forwarding on {}", iface.name)),
+                .with_context(|| format!("enabling XDP forwarding on {}", iface.name))?,
             // Absent means "the kernel forwards"; a stale entry from a reused index must go.
             Forwarding::Kernel => match table.remove(&ifindex) {
-                Ok(()) => Ok(()),
-                Err(e) if is_absent_key(&e) => Ok(()),
-                Err(e) => Err(e).with_context(|| format!("clearing forwarding on {}", iface.name)),
+                Ok(()) => {}
+                Err(e) if is_absent_key(&e) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("clearing forwarding on {}", iface.name))
+                }
             },
         }
+        if ifindex >= IFACE_FLAG_SLOTS {
+            // The program asks IFACE_FORWARD for this one.
+            return Ok(());
+        }
+        let Some(map) = self.ebpf.map_mut(IFACE_FLAGS) else {
+            return Ok(());
+        };
+        let mut flags: Array<&mut MapData, u32> =
+            Array::try_from(map).with_context(|| format!("opening {IFACE_FLAGS}"))?;
+        let value = match iface.forwarding {
+            Forwarding::Xdp => IFACE_KNOWN | FORWARD_XDP,
+            Forwarding::Kernel => IFACE_KNOWN,
+        };
+        flags
+            .set(ifindex, value, 0)
+            .with_context(|| format!("writing {IFACE_FLAGS} for {}", iface.name))
     }
 
     /// Interfaces attached and the mode each one got (for a link taken over from an earlier
