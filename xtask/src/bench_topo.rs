@@ -393,7 +393,7 @@ impl<'t> Bench<'t> {
             std::env::temp_dir().join(format!("xdpnat-bench-{}.nft", std::process::id()));
         std::fs::write(&nft_file, nft_ruleset(topo))
             .with_context(|| format!("writing {}", nft_file.display()))?;
-        Ok(Self {
+        let bench = Self {
             plan: plan.clone(),
             topo,
             gen,
@@ -407,7 +407,8 @@ impl<'t> Bench<'t> {
             g0_mac: Topology::mac(&topo.gen, &d.g0)?,
             n0_mac: Topology::mac(&topo.nat, &d.n0)?,
             next_flow: 0,
-        })
+        };
+        Ok(bench)
     }
 
     /// Takes every configuration off the appliance.

@@ -181,9 +181,9 @@ impl Topology {
             (&self.nat, &d.n1),
             (&self.sink, &d.s0),
         ] {
+            ip(ns, &format!("link set {dev} up"))?;
             // GRO: NAPI on every veth, with or without an XDP program (see the module docs).
             ns.run("ethtool", ["-K", dev, "gro", "on"])?;
-            ip(ns, &format!("link set {dev} up"))?;
         }
         for (ns, dev) in [(&self.gen, &d.g0), (&self.sink, &d.s0)] {
             // Endpoints send full checksums, as off a wire (TOOLCHAIN.md); a queue keeps TCP

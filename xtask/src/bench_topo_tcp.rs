@@ -5,6 +5,7 @@
 //! packets: CPU time of its NAPI threads per megabyte or per connection.
 
 use std::{
+    collections::VecDeque,
     io,
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::AsRawFd,
@@ -26,6 +27,8 @@ const IPERF_PORT: u16 = 5201;
 const CPS_PORT: u16 = 80;
 /// Most connections one measurement makes, whatever the clock says.
 const CPS_MAX: u64 = 2_000_000;
+/// Accepted connections the CPS server keeps before dropping them (see `cps`).
+const HELD_CONNECTIONS: usize = 4096;
 
 /// One iperf3 stream of `bytes` from the SNATed inside host to the sink.
 pub fn iperf(topo: &Topology, _config: Config, bytes: u64) -> Result<Measured> {
@@ -113,16 +116,27 @@ pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measur
         TcpListener::bind(SocketAddrV4::new(addr::SINK, CPS_PORT)).context("CPS server")
     })?;
     let meter = Meter::new(topo, &topo.sink, &topo.dev.s0)?;
-    let (iv, made, failed) = thread::scope(|s| -> Result<_> {
+    let (iv, made, failures) = thread::scope(|s| -> Result<_> {
         let server = s.spawn(|| -> Result<()> {
             bench_sys::pin_to_cpu(cpu)?;
             // Non-blocking: the handshake completes in the kernel whether or not the server
             // has accepted yet, so polling costs the client nothing, and the stop is seen.
             listener.set_nonblocking(true)?;
+            // Accepted connections are kept a while and then dropped, never closed at once:
+            // the client's RST must end each one. A server that resets first races the
+            // client's connect(): when its RST arrives before the client has read the
+            // connect result, a handshake that went through is reported as a failed connect
+            // (14% of them did on this machine, with or without NAT).
+            let mut held = VecDeque::with_capacity(HELD_CONNECTIONS);
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let _ = linger_zero(&conn);
+                        // One dropped per one accepted: a batch of closes would stall accept()
+                        // long enough for the backlog to overflow and a SYN to be lost.
+                        if held.len() == HELD_CONNECTIONS {
+                            held.pop_front();
+                        }
+                        held.push_back(conn);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         thread::sleep(Duration::from_micros(200));
@@ -132,11 +146,12 @@ pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measur
             }
             Ok(())
         });
-        let client: Result<(Interval, u64, u64)> = in_netns(topo.gen.name(), || {
+        let client: Result<(Interval, u64, ConnectFailures)> = in_netns(topo.gen.name(), || {
             bench_sys::pin_to_cpu(cpu)?;
             let a = meter.read()?;
             let deadline = Instant::now() + interval;
-            let (mut made, mut failed) = (0u64, 0u64);
+            let mut made = 0u64;
+            let mut failures = ConnectFailures::default();
             while Instant::now() < deadline && made < CPS_MAX {
                 match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
                     Ok(conn) => {
@@ -144,10 +159,10 @@ pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measur
                         made += 1;
                     }
                     Err(e) => {
-                        // Counted and reported (a few are reset on this machine, also with no NAT at
-                        // all); a configuration that fails most attempts
-                        // is broken, not slow.
-                        failed += 1;
+                        // Counted by kind and reported; a configuration that fails most
+                        // attempts is broken, not slow.
+                        failures.count(&e);
+                        let failed = failures.total();
                         if failed > 100 && failed > made {
                             return Err(e).context(format!(
                                 "connecting to {target}: {failed} attempts failed, {made} \
@@ -158,7 +173,7 @@ pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measur
                 }
             }
             let b = meter.read()?;
-            Ok((Interval::between(&a, &b), made, failed))
+            Ok((Interval::between(&a, &b), made, failures))
         });
         stop.store(true, Ordering::Relaxed);
         server.join().expect("CPS server thread panicked")?;
@@ -170,10 +185,57 @@ pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measur
     Ok(Measured {
         iv,
         units: made as f64,
-        note: if failed == 0 {
-            String::new()
-        } else {
-            format!("{failed} of {} connects failed (reset)", made + failed)
-        },
+        note: failures.describe(made),
     })
+}
+
+/// Failed connects of one measurement, by what the client was told.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectFailures {
+    /// The SYN was answered with RST (ECONNREFUSED).
+    refused: u64,
+    /// Reset after the handshake, before connect() returned (ECONNRESET).
+    reset: u64,
+    /// No answer within the connect timeout (the SYN or its answer was lost).
+    timed_out: u64,
+    /// Anything else (no port left, no route).
+    other: u64,
+}
+
+impl ConnectFailures {
+    fn count(&mut self, e: &io::Error) {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => self.refused += 1,
+            io::ErrorKind::ConnectionReset => self.reset += 1,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => self.timed_out += 1,
+            _ => self.other += 1,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.refused + self.reset + self.timed_out + self.other
+    }
+
+    /// The table note: empty without failures.
+    fn describe(&self, made: u64) -> String {
+        let failed = self.total();
+        if failed == 0 {
+            return String::new();
+        }
+        let kinds: Vec<String> = [
+            (self.refused, "refused"),
+            (self.reset, "reset"),
+            (self.timed_out, "timed out"),
+            (self.other, "other"),
+        ]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect();
+        format!(
+            "{failed} of {} connects failed ({})",
+            made + failed,
+            kinds.join(", ")
+        )
+    }
 }
