@@ -7,6 +7,7 @@
 //! port: the same answer as walking the config top to bottom.
 
 mod bypass;
+pub mod cover;
 pub mod snat;
 mod stateful;
 
@@ -14,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::Ipv4Net;
 use nat_common::maps::MAX_RULES;
-use nat_common::prefilter::{BankFilters, FilterTable, PrefixFilter};
+use nat_common::prefilter::{BankFilters, FilterTable};
 use nat_common::rules::{
     NatRule, NatRuleSet, MAX_RULES_PER_SET, RULE_MATCH_PORT, RULE_REWRITE_PORT, RULE_SNAT_CHECK,
     RULE_STATEFUL,
@@ -54,14 +55,13 @@ impl Compiled {
     /// The prefilters of the rule tries this rule set fills (see `nat_common::prefilter`),
     /// written with them into the same bank.
     pub fn filters(&self) -> BankFilters {
-        let of = |prefixes: &mut dyn Iterator<Item = &Ipv4Net>| {
-            PrefixFilter::of(prefixes.map(|p| (p.network().octets(), p.prefix_len())))
-        };
         let mut filters = BankFilters::default();
-        filters.tables[FilterTable::Bypass as usize] = of(&mut self.bypass.keys());
-        filters.tables[FilterTable::DnatForward as usize] = of(&mut self.dnat.forward.keys());
-        filters.tables[FilterTable::DnatReverse as usize] = of(&mut self.dnat.reverse.keys());
-        filters.tables[FilterTable::Snat as usize] = of(&mut self.snat.sets.keys());
+        filters.tables[FilterTable::Bypass as usize] = cover::filter_of(self.bypass.keys());
+        filters.tables[FilterTable::DnatForward as usize] =
+            cover::filter_of(self.dnat.forward.keys());
+        filters.tables[FilterTable::DnatReverse as usize] =
+            cover::filter_of(self.dnat.reverse.keys());
+        filters.tables[FilterTable::Snat as usize] = cover::filter_of(self.snat.sets.keys());
         filters
     }
 }

@@ -45,8 +45,8 @@ use nat_common::{
         XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM, XDP_TOO_BIG_PROGRAM,
     },
     maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS, PATH_MTU_FLOOR},
-    maps::{PORT_BITMAPS, PORT_SPACES, RULE_FILTERS},
-    prefilter::BankFilters,
+    maps::{LOCAL_FILTER, PORT_BITMAPS, PORT_SPACES, RULE_FILTERS},
+    prefilter::{BankFilters, PrefixFilter},
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
@@ -484,29 +484,43 @@ impl Dataplane {
         let Some(map) = self.ebpf.map_mut(LOCAL_ADDRS) else {
             return Ok(false);
         };
-        let mut table: aya::maps::HashMap<&mut MapData, [u8; 4], u32> =
+        let table: aya::maps::HashMap<&mut MapData, [u8; 4], u32> =
             aya::maps::HashMap::try_from(map).with_context(|| format!("opening {LOCAL_ADDRS}"))?;
         let desired = local_addresses().context("listing this host's addresses")?;
         let present: BTreeSet<[u8; 4]> = table
             .keys()
             .collect::<Result<_, _>>()
             .with_context(|| format!("listing {LOCAL_ADDRS}"))?;
-        let mut changed = false;
-        for addr in desired.difference(&present) {
-            table
-                .insert(addr, 1, 0)
-                .with_context(|| format!("adding {} to {LOCAL_ADDRS}", Ipv4Addr::from(*addr)))?;
-            changed = true;
-        }
-        for addr in present.difference(&desired) {
-            table.remove(addr).with_context(|| {
-                format!("removing {} from {LOCAL_ADDRS}", Ipv4Addr::from(*addr))
-            })?;
-            changed = true;
-        }
+        let changed = desired != present;
         if changed {
+            // While the table changes, the program must ask it for every address: an address
+            // being added may lie outside the filter written for the old set.
+            write_local_filter(&mut self.ebpf, &PrefixFilter::always())?;
+            let map = self
+                .ebpf
+                .map_mut(LOCAL_ADDRS)
+                .ok_or_else(|| anyhow!("the object has no map {LOCAL_ADDRS}"))?;
+            let mut table: aya::maps::HashMap<&mut MapData, [u8; 4], u32> =
+                aya::maps::HashMap::try_from(map)
+                    .with_context(|| format!("opening {LOCAL_ADDRS}"))?;
+            for addr in desired.difference(&present) {
+                table.insert(addr, 1, 0).with_context(|| {
+                    format!("adding {} to {LOCAL_ADDRS}", Ipv4Addr::from(*addr))
+                })?;
+            }
+            for addr in present.difference(&desired) {
+                table.remove(addr).with_context(|| {
+                    format!("removing {} from {LOCAL_ADDRS}", Ipv4Addr::from(*addr))
+                })?;
+            }
             debug!(addresses = desired.len(), "local addresses updated");
         }
+        // Also when nothing changed: a new program generation starts without a filter.
+        let hosts: Vec<Ipv4Net> = desired
+            .iter()
+            .map(|a| Ipv4Net::new((*a).into(), 32).expect("/32 is a valid prefix"))
+            .collect();
+        write_local_filter(&mut self.ebpf, &crate::compile::cover::filter_of(&hosts))?;
         Ok(changed)
     }
 
@@ -772,6 +786,21 @@ fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
         store = store.with_ports(ports::PortIndex::new(spaces, bitmaps)?);
     }
     Ok(Some(store))
+}
+
+/// Writes `filter` into `LOCAL_FILTER` unless it holds it already. An object without the map
+/// always looks `LOCAL_ADDRS` up.
+fn write_local_filter(ebpf: &mut Ebpf, filter: &PrefixFilter) -> Result<()> {
+    let Some(map) = ebpf.map_mut(LOCAL_FILTER) else {
+        return Ok(());
+    };
+    let mut slot: Array<&mut MapData, PrefixFilter> =
+        Array::try_from(map).with_context(|| format!("opening {LOCAL_FILTER}"))?;
+    if slot.get(&0, 0).ok().as_ref() == Some(filter) {
+        return Ok(());
+    }
+    slot.set(0, *filter, 0)
+        .with_context(|| format!("writing {LOCAL_FILTER}"))
 }
 
 /// Writes the prefilters of one bank's rule tries (after the tries, before the flip). An

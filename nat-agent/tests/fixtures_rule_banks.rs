@@ -236,7 +236,8 @@ to_address = "198.18.201.{x}"
 }
 
 /// The trie prefilters (`nat_common::prefilter`) only skip lookups that find nothing: with a
-/// few prefixes (listed) and with more than a filter holds (always look up), every prefix still
+/// few prefixes (listed as they are) and with more than a filter holds (covered by wider
+/// prefixes, so some addresses outside are looked up and not found), every prefix still
 /// matches after each bank flip, and addresses outside them match nothing.
 #[test]
 fn prefilters_follow_the_prefixes_of_each_bank() {

@@ -183,3 +183,9 @@ pub const MAX_BYPASS_PREFIXES: u32 = 256;
 pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
 /// Capacity of [`LOCAL_ADDRS`].
 pub const MAX_LOCAL_ADDRS: u32 = 1_024;
+/// Array of one [`crate::prefilter::PrefixFilter`]: prefixes that contain every address of
+/// [`LOCAL_ADDRS`], so most packets (to remote hosts) learn they are not addressed to this
+/// host without the hash lookup. The agent makes it "always look up" while it changes
+/// `LOCAL_ADDRS`, and writes the cover after. Not pinned (a new program generation starts at
+/// "unknown": look up).
+pub const LOCAL_FILTER: &str = "LOCAL_FILTER";

@@ -73,6 +73,15 @@ pub struct BankFilters {
 }
 
 impl PrefixFilter {
+    /// A filter that sends every address to the table.
+    pub const fn always() -> Self {
+        PrefixFilter {
+            mode: FILTER_ALWAYS,
+            len: 0,
+            prefixes: [FilterPrefix { net: 0, mask: 0 }; FILTER_PREFIXES],
+        }
+    }
+
     /// The filter of a table holding `prefixes` (address in network order, prefix length
     /// 0-32; longer lengths are taken as 32).
     pub fn of(prefixes: impl IntoIterator<Item = ([u8; 4], u8)>) -> Self {
@@ -82,10 +91,7 @@ impl PrefixFilter {
         };
         for (addr, len) in prefixes {
             if filter.len as usize == FILTER_PREFIXES {
-                return PrefixFilter {
-                    mode: FILTER_ALWAYS,
-                    ..PrefixFilter::default()
-                };
+                return PrefixFilter::always();
             }
             let mask = mask_of(len);
             filter.prefixes[filter.len as usize] = FilterPrefix {
@@ -123,6 +129,9 @@ impl PrefixFilter {
 #[cfg(feature = "user")]
 // SAFETY: repr(C), no implicit padding (sizes asserted), every bit pattern valid.
 unsafe impl aya::Pod for BankFilters {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PrefixFilter {}
 
 /// The netmask of a prefix length, as a native `u32` of network-order bytes.
 fn mask_of(len: u8) -> u32 {

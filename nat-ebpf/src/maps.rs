@@ -20,7 +20,7 @@ use nat_common::{
         PROGRAMS_LEN, REASON_SLOTS, RULE_BANKS,
     },
     ports::{PortBitmap, PortSpace, MAX_PORT_SPACES},
-    prefilter::{BankFilters, FilterTable},
+    prefilter::{BankFilters, FilterTable, PrefixFilter},
     rules::NatRuleSet,
     stats::RuleCounters,
 };
@@ -105,6 +105,11 @@ pub static BYPASS: LpmTrie<BankedPrefix, BypassSet> =
 
 /// This host's addresses and directed broadcasts (network order) -> 1, kept current by the
 /// agent: a packet addressed to one of them never starts an SNAT session.
+/// Entry 0: prefixes containing every address of [`LOCAL_ADDRS`] (see
+/// `nat_common::maps::LOCAL_FILTER`).
+#[map(name = "LOCAL_FILTER")]
+pub static LOCAL_FILTER: Array<PrefixFilter> = Array::with_max_entries(1, 0);
+
 #[map(name = "LOCAL_ADDRS")]
 pub static LOCAL_ADDRS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 

@@ -16,7 +16,7 @@ use nat_common::stats::Reason;
 use crate::{
     conntrack::{same_endpoint, EEXIST},
     fib,
-    maps::{rule_lookup, BINDINGS, LOCAL_ADDRS, MAPPINGS, SNAT_POOLS, SNAT_RULES},
+    maps::{rule_lookup, BINDINGS, LOCAL_ADDRS, LOCAL_FILTER, MAPPINGS, SNAT_POOLS, SNAT_RULES},
     ports::PortIndex,
 };
 
@@ -102,7 +102,16 @@ pub fn decide(ctx: &XdpContext, bank: u32, key: &FlowKey, tot_len: u16) -> SnatD
 /// at all, and an unroutable destination must still meet the rules that need no route.
 #[inline(always)]
 pub fn is_local(dst: [u8; 4]) -> bool {
-    dst[0] >= 224 || LOCAL_ADDRS.get_ptr(&dst).is_some()
+    if dst[0] >= 224 {
+        return true;
+    }
+    // Most destinations are remote: the filter says so without the hash lookup.
+    if let Some(filter) = LOCAL_FILTER.get(0) {
+        if !filter.may_match(dst) {
+            return false;
+        }
+    }
+    LOCAL_ADDRS.get_ptr(&dst).is_some()
 }
 
 /// The external address a host gets from `choice` (paired pooling: always the same member).
