@@ -103,13 +103,13 @@ pub static SNAT_POOLS: Array<Pool> = Array::with_max_entries(MAX_POOLS * RULE_BA
 pub static BYPASS: LpmTrie<BankedPrefix, BypassSet> =
     LpmTrie::with_max_entries(MAX_BYPASS_PREFIXES * RULE_BANKS, 0);
 
-/// This host's addresses and directed broadcasts (network order) -> 1, kept current by the
-/// agent: a packet addressed to one of them never starts an SNAT session.
 /// Entry 0: prefixes containing every address of [`LOCAL_ADDRS`] (see
 /// `nat_common::maps::LOCAL_FILTER`).
 #[map(name = "LOCAL_FILTER")]
 pub static LOCAL_FILTER: Array<PrefixFilter> = Array::with_max_entries(1, 0);
 
+/// This host's addresses and directed broadcasts (network order) -> 1, kept current by the
+/// agent: a packet addressed to one of them never starts an SNAT session.
 #[map(name = "LOCAL_ADDRS")]
 pub static LOCAL_ADDRS: HashMap<[u8; 4], u32> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
@@ -158,12 +158,12 @@ pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN,
 #[map(name = "NEW_FLOW")]
 pub static NEW_FLOW: PerCpuArray<NewFlow> = PerCpuArray::with_max_entries(1, 0);
 
-/// Ingress interface index -> `FORWARD_*` flags (absent: the kernel forwards).
 /// Ingress interface index -> `FORWARD_*` flags with `IFACE_KNOWN` (see
 /// `nat_common::maps::IFACE_FLAGS`): the fast copy of [`IFACE_FORWARD`].
 #[map(name = "IFACE_FLAGS")]
 pub static IFACE_FLAGS: Array<u32> = Array::with_max_entries(IFACE_FLAG_SLOTS, 0);
 
+/// Ingress interface index -> `FORWARD_*` flags (absent: the kernel forwards).
 #[map(name = "IFACE_FORWARD")]
 pub static IFACE_FORWARD: HashMap<u32, u32> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
