@@ -47,13 +47,24 @@ pub fn load_config(path: &Path) -> Result<(model::Model, compile::Compiled), Con
 
 /// [`load_config`], keeping the file as written too.
 pub fn load_config_file(path: &Path) -> Result<Loaded, ConfigError> {
-    let file = path.display().to_string();
     let raw = config::ConfigFile::read(path).map_err(|e| ConfigError(e.to_string()))?;
-    let model = model::validate(&file, &raw).map_err(|e| ConfigError(e.to_string()))?;
+    compile_raw(&path.display().to_string(), raw)
+}
+
+/// Parses, validates and compiles config `text` (TOML as in a config file); `label` names it
+/// in errors. For configs that are not files: benchmarks and tests.
+pub fn load_config_text(label: &str, text: &str) -> Result<Loaded, ConfigError> {
+    let raw = config::ConfigFile::parse(label, text).map_err(|e| ConfigError(e.to_string()))?;
+    compile_raw(label, raw)
+}
+
+/// Validates and compiles a parsed config, as at start-up (no counter-slot history).
+fn compile_raw(file: &str, raw: config::ConfigFile) -> Result<Loaded, ConfigError> {
+    let model = model::validate(file, &raw).map_err(|e| ConfigError(e.to_string()))?;
     let compiled = compile::compile(&model, &BTreeMap::new()).map_err(|problems| {
         ConfigError(
             model::ValidationError {
-                file: file.clone(),
+                file: file.to_string(),
                 problems,
             }
             .to_string(),

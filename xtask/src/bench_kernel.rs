@@ -19,10 +19,8 @@ use std::{collections::BTreeMap, time::Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use nat_agent::{
-    compile::compile,
-    config::ConfigFile,
     dataplane::{Dataplane, LoadOptions, SessionStore},
-    model::{validate, ValidationError},
+    load_config_text, Loaded,
 };
 use nat_common::{
     conntrack::FlowKey,
@@ -180,16 +178,11 @@ struct Bed {
 
 impl Bed {
     fn load(what: &str, config: &str) -> Result<Self> {
-        let file = format!("bench {what} config");
-        let raw = ConfigFile::parse(&file, config)
+        let Loaded {
+            model, compiled, ..
+        } = load_config_text(&format!("bench {what} config"), config)
             .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("bench bug: the {what} config does not parse"))?;
-        let model = validate(&file, &raw)
-            .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("bench bug: the {what} config does not validate"))?;
-        let compiled = compile(&model, &Default::default())
-            .map_err(|problems| anyhow!("{}", ValidationError { file, problems }))
-            .with_context(|| format!("bench bug: the {what} config does not compile"))?;
+            .with_context(|| format!("bench bug: the {what} config is not valid"))?;
         let mut dp = Dataplane::load_with(&LoadOptions {
             max_sessions: model.conntrack.max_sessions,
             ..Default::default()

@@ -17,10 +17,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nat_agent::{
-    compile::compile,
-    config::ConfigFile,
     dataplane::{Dataplane, LoadOptions, EBPF_OBJECT},
-    model::{validate, Interface, ValidationError},
+    load_config_text,
+    model::Interface,
+    Loaded,
 };
 use nat_common::{
     bench::{GenConfig, BENCH_GEN, BENCH_GEN_SEQ, XDP_BENCH_GEN_PROGRAM},
@@ -198,16 +198,11 @@ pub struct Appliance {
 impl Appliance {
     /// Loads `config` (TOML as `nat-agent run` reads it) in namespace `ns`, not attached.
     pub fn load(ns: &str, what: &str, config: &str) -> Result<Self> {
-        let file = format!("bench topology {what} config");
-        let raw = ConfigFile::parse(&file, config)
+        let Loaded {
+            model, compiled, ..
+        } = load_config_text(&format!("bench topology {what} config"), config)
             .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("bench bug: the {what} config does not parse"))?;
-        let model = validate(&file, &raw)
-            .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("bench bug: the {what} config does not validate"))?;
-        let compiled = compile(&model, &Default::default())
-            .map_err(|problems| anyhow!("{}", ValidationError { file, problems }))
-            .with_context(|| format!("bench bug: the {what} config does not compile"))?;
+            .with_context(|| format!("bench bug: the {what} config is not valid"))?;
         let max_sessions = model.conntrack.max_sessions;
         let dp = in_netns(ns, || {
             let mut dp = Dataplane::load_with(&LoadOptions {

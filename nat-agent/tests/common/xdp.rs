@@ -16,7 +16,9 @@ use nat_agent::{
         Dataplane, KernelSessions, KvTable, LoadOptions, MemStore, SessionStore, StatsSnapshot,
         Walk,
     },
+    load_config_text,
     model::{validate, Model},
+    Loaded,
 };
 use nat_common::stats::{Reason, RuleCounters};
 
@@ -191,12 +193,10 @@ impl Fixture {
     /// fills its maps. Panics (never skips) when BPF cannot be loaded: these tests exist to run
     /// the real program, and a silent skip would hide that they did not.
     pub fn load(config_toml: &str) -> Fixture {
-        let raw = ConfigFile::parse(FIXTURE_FILE, config_toml)
-            .unwrap_or_else(|e| panic!("fixture config does not parse: {e}"));
-        let model = validate(FIXTURE_FILE, &raw)
-            .unwrap_or_else(|e| panic!("fixture config does not validate:\n{e}"));
-        let compiled = compile(&model, &Default::default())
-            .unwrap_or_else(|p| panic!("fixture config does not compile: {p:?}"));
+        let Loaded {
+            model, compiled, ..
+        } = load_config_text(FIXTURE_FILE, config_toml)
+            .unwrap_or_else(|e| panic!("fixture config is not valid:\n{e}"));
         // Sized like `nat-agent run` sizes them, so a fixture can fill a small table.
         let options = LoadOptions {
             max_sessions: model.conntrack.max_sessions,
