@@ -481,13 +481,11 @@ impl Dataplane {
     /// every rule change and every expiry sweep (addresses change: DHCP, an operator); returns
     /// whether anything changed.
     pub fn refresh_local_addresses(&mut self) -> Result<bool> {
-        let Some(map) = self.ebpf.map_mut(LOCAL_ADDRS) else {
+        if self.ebpf.map(LOCAL_ADDRS).is_none() {
             return Ok(false);
-        };
-        let table: aya::maps::HashMap<&mut MapData, [u8; 4], u32> =
-            aya::maps::HashMap::try_from(map).with_context(|| format!("opening {LOCAL_ADDRS}"))?;
+        }
         let desired = local_addresses().context("listing this host's addresses")?;
-        let present: BTreeSet<[u8; 4]> = table
+        let present: BTreeSet<[u8; 4]> = local_addrs_table(&mut self.ebpf)?
             .keys()
             .collect::<Result<_, _>>()
             .with_context(|| format!("listing {LOCAL_ADDRS}"))?;
@@ -496,13 +494,7 @@ impl Dataplane {
             // While the table changes, the program must ask it for every address: an address
             // being added may lie outside the filter written for the old set.
             write_local_filter(&mut self.ebpf, &PrefixFilter::always())?;
-            let map = self
-                .ebpf
-                .map_mut(LOCAL_ADDRS)
-                .ok_or_else(|| anyhow!("the object has no map {LOCAL_ADDRS}"))?;
-            let mut table: aya::maps::HashMap<&mut MapData, [u8; 4], u32> =
-                aya::maps::HashMap::try_from(map)
-                    .with_context(|| format!("opening {LOCAL_ADDRS}"))?;
+            let mut table = local_addrs_table(&mut self.ebpf)?;
             for addr in desired.difference(&present) {
                 table.insert(addr, 1, 0).with_context(|| {
                     format!("adding {} to {LOCAL_ADDRS}", Ipv4Addr::from(*addr))
@@ -518,7 +510,7 @@ impl Dataplane {
         // Also when nothing changed: a new program generation starts without a filter.
         let hosts: Vec<Ipv4Net> = desired
             .iter()
-            .map(|a| Ipv4Net::new((*a).into(), 32).expect("/32 is a valid prefix"))
+            .map(|a| Ipv4Net::from(Ipv4Addr::from(*a)))
             .collect();
         write_local_filter(&mut self.ebpf, &crate::compile::cover::filter_of(&hosts))?;
         Ok(changed)
@@ -786,6 +778,14 @@ fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
         store = store.with_ports(ports::PortIndex::new(spaces, bitmaps)?);
     }
     Ok(Some(store))
+}
+
+/// `LOCAL_ADDRS`, opened for reading and writing.
+fn local_addrs_table(ebpf: &mut Ebpf) -> Result<aya::maps::HashMap<&mut MapData, [u8; 4], u32>> {
+    let map = ebpf
+        .map_mut(LOCAL_ADDRS)
+        .ok_or_else(|| anyhow!("the object has no map {LOCAL_ADDRS}"))?;
+    aya::maps::HashMap::try_from(map).with_context(|| format!("opening {LOCAL_ADDRS}"))
 }
 
 /// Writes `filter` into `LOCAL_FILTER` unless it holds it already. An object without the map

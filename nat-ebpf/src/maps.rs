@@ -132,6 +132,11 @@ pub fn rule_bank() -> u32 {
 
 /// Longest-prefix lookup of `addr` in `bank` of one of the rule tries, `table` naming which
 /// (for its prefilter: a lookup that cannot find anything is not made).
+///
+/// The bank's filters are read here, at every lookup, on purpose: it is an array lookup the
+/// verifier inlines (a few instructions). Reading them once with the bank and carrying the
+/// pointer through the run was tried: the verifier then tracks that pointer along every path
+/// and loading the object took minutes instead of seconds.
 #[inline(always)]
 pub fn rule_lookup<V>(
     trie: &'static LpmTrie<BankedPrefix, V>,
