@@ -3,13 +3,9 @@
 //! page. Needs root (BPF, a network namespace) and fails rather than skips without it: a
 //! benchmark nobody runs is the one that breaks.
 
-use std::{
-    io::Read,
-    path::PathBuf,
-    process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::time::Duration;
 
 /// Far above the ~20 s the quick pass takes, so only a hang trips it.
 const TIMEOUT: Duration = Duration::from_secs(150);
@@ -38,47 +34,6 @@ const ROWS: &[&str] = &[
 ];
 
 /// Runs the quick pass; returns stdout, panicking with stderr on failure or timeout.
-fn run_quick(docs: &PathBuf) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["bench", "kernel", "--quick", "--docs"])
-        .arg(docs)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting xtask");
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let out = thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).map(|_| s)
-    });
-    let err = thread::spawn(move || {
-        let mut s = String::new();
-        stderr.read_to_string(&mut s).map(|_| s)
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for xtask") {
-            break status;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`xtask bench kernel --quick` did not finish within {TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
-    let stdout = out.join().expect("reader").expect("reading stdout");
-    let stderr = err.join().expect("reader").expect("reading stderr");
-    assert!(
-        status.success(),
-        "`xtask bench kernel --quick` failed ({status}); it needs root and must not be \
-         skipped.\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
-    eprintln!("quick pass took {:.1} s", start.elapsed().as_secs_f64());
-    stdout
-}
-
 fn positive(field: &str, what: &str) -> f64 {
     let v: f64 = field
         .trim_end_matches(['x', '%'])
@@ -92,7 +47,7 @@ fn positive(field: &str, what: &str) -> f64 {
 fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
     let docs = std::env::temp_dir().join(format!("xdpnat-bench-{}.md", std::process::id()));
     let _ = std::fs::remove_file(&docs);
-    let stdout = run_quick(&docs);
+    let stdout = common::run_quick("kernel", &docs, TIMEOUT);
 
     for key in ROWS {
         let line = stdout
