@@ -313,6 +313,7 @@ mod tests {
             api_group: None,
             state_dir: None,
             announce_vips: false,
+            route_cache: true,
             event_log: None,
             interfaces: Vec::new(),
             dnat,

@@ -72,6 +72,9 @@ pub struct AgentSection {
     pub state_dir: Option<String>,
     /// `address:port` for load-balancer health probes (`/healthz`, `/readyz`); none when absent.
     pub health_listen: Option<String>,
+    /// Whether XDP forwarding reuses FIB answers while no routing change is reported (see
+    /// `nat_common::route_cache`); on when absent.
+    pub route_cache: Option<bool>,
 }
 
 /// `[conntrack]`. Every field is optional; integers stay `i64` so that validation, not serde,

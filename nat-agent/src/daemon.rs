@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc};
 use anyhow::{Context, Result};
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
 use tokio::sync::{mpsc, oneshot, Mutex};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{
     api::ApiServer,
@@ -19,6 +19,7 @@ use crate::{
     metrics::Metrics,
     model::Model,
     owner::{Change, ChangeRequest, Owner, Request},
+    route_watch::RouteWatch,
     status::ApplySource,
     Loaded,
 };
@@ -69,6 +70,7 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
     dataplane
         .attach_all(&model.interfaces)
         .context("attaching the XDP program")?;
+    let route_watch = RouteWatch::for_config(&model, &dataplane);
     info!(
         config = %config_path.display(),
         dnat_rules = model.dnat.len(),
@@ -125,6 +127,13 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
             let watchdog = crate::notify::start_watchdog(tx.clone());
             let waited = signals.wait_for_shutdown(config_path, &tx).await;
             info!("shutting down");
+            // Before anything else: a pinned program goes on forwarding after the agent, and
+            // without anyone listening to routing changes it must ask the FIB every time.
+            if let Some(watch) = &route_watch {
+                if let Err(e) = watch.stop() {
+                    warn!("turning the route cache off: {e:#}");
+                }
+            }
             crate::notify::stopping();
             if let Some(watchdog) = watchdog {
                 watchdog.abort();

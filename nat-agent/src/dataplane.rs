@@ -46,7 +46,9 @@ use nat_common::{
     },
     maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS, PATH_MTU_FLOOR},
     maps::{LOCAL_FILTER, PORT_BITMAPS, PORT_SPACES, RULE_FILTERS},
+    maps::{ROUTE_CACHE_GEN, ROUTE_COUNTERS},
     prefilter::{BankFilters, PrefixFilter},
+    route_cache::RouteCacheResult,
     rules::NatRuleSet,
     stats::{ForwardResult, Reason, RuleCounters},
 };
@@ -103,6 +105,8 @@ pub struct StatsSnapshot {
     pub reasons: Vec<u64>,
     /// Translated packets per forwarding result, indexed by `ForwardResult as usize`.
     pub forward: Vec<u64>,
+    /// Forwarding-stage route questions per outcome, indexed by `RouteCacheResult as usize`.
+    pub route_cache: Vec<u64>,
     /// Counters per rule slot that has ever counted.
     pub rules: BTreeMap<u32, RuleCounters>,
 }
@@ -676,18 +680,10 @@ impl Dataplane {
 
     /// Reads all counters.
     pub fn snapshot(&self, slots: impl IntoIterator<Item = u32>) -> Result<StatsSnapshot> {
-        let reasons_map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(REASON_COUNTERS)
-                .ok_or_else(|| anyhow!("missing map {REASON_COUNTERS}"))?,
+        let reasons = self.sum_counters(
+            REASON_COUNTERS,
+            Reason::ALL.iter().map(|r| (*r as u32, r.name())),
         )?;
-        let mut reasons = Vec::with_capacity(Reason::COUNT as usize);
-        for r in Reason::ALL {
-            let per_cpu = reasons_map
-                .get(&(r as u32), 0)
-                .with_context(|| format!("reading {REASON_COUNTERS}[{}]", r.name()))?;
-            reasons.push(per_cpu.iter().sum());
-        }
         let rules_map: PerCpuArray<&MapData, RuleCounters> = PerCpuArray::try_from(
             self.ebpf
                 .map(RULE_COUNTERS)
@@ -707,23 +703,54 @@ impl Dataplane {
             }
             rules.insert(slot, total);
         }
-        let forward_map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(FORWARD_COUNTERS)
-                .ok_or_else(|| anyhow!("missing map {FORWARD_COUNTERS}"))?,
+        let forward = self.sum_counters(
+            FORWARD_COUNTERS,
+            ForwardResult::ALL.iter().map(|r| (*r as u32, r.name())),
         )?;
-        let mut forward = Vec::with_capacity(ForwardResult::COUNT as usize);
-        for r in ForwardResult::ALL {
-            let per_cpu = forward_map
-                .get(&(r as u32), 0)
-                .with_context(|| format!("reading {FORWARD_COUNTERS}[{}]", r.name()))?;
-            forward.push(per_cpu.iter().sum());
-        }
+        let route_cache = self.sum_counters(
+            ROUTE_COUNTERS,
+            RouteCacheResult::ALL.iter().map(|r| (*r as u32, r.name())),
+        )?;
         Ok(StatsSnapshot {
             reasons,
             forward,
+            route_cache,
             rules,
         })
+    }
+
+    /// A second handle on this program generation's `ROUTE_CACHE_GEN`, for whoever follows
+    /// the kernel's routing changes (`crate::route_watch`) apart from the dataplane's owner.
+    pub fn route_generation_map(&self) -> Result<MapData> {
+        let Some(aya::maps::Map::Array(map)) = self.ebpf.map(ROUTE_CACHE_GEN) else {
+            bail!("the object has no array {ROUTE_CACHE_GEN}");
+        };
+        let id = map
+            .info()
+            .with_context(|| format!("reading {ROUTE_CACHE_GEN}'s info"))?
+            .id();
+        MapData::from_id(id).with_context(|| format!("opening {ROUTE_CACHE_GEN} (map id {id})"))
+    }
+
+    /// The named slots of the per-CPU u64 counter array `map`, each summed over CPUs.
+    fn sum_counters<'n>(
+        &self,
+        map: &str,
+        slots: impl Iterator<Item = (u32, &'n str)>,
+    ) -> Result<Vec<u64>> {
+        let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf
+                .map(map)
+                .ok_or_else(|| anyhow!("missing map {map}"))?,
+        )?;
+        slots
+            .map(|(index, name)| {
+                let per_cpu = counters
+                    .get(&index, 0)
+                    .with_context(|| format!("reading {map}[{name}]"))?;
+                Ok(per_cpu.iter().sum())
+            })
+            .collect()
     }
 
     /// Zeroes a rule slot's counters (a slot handed to a new rule starts from zero).

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 mod owner;
+pub mod route_watch;
 pub mod ruleset;
 pub mod sessions;
 pub mod status;

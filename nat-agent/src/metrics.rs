@@ -16,7 +16,10 @@ use crate::{
     gc::{protocol_name, PortUse, ProtoCounts},
     model::XdpMode,
 };
-use nat_common::stats::{ForwardResult, Reason};
+use nat_common::{
+    route_cache::RouteCacheResult,
+    stats::{ForwardResult, Reason},
+};
 
 pub use crate::ruleset::RuleKind;
 
@@ -72,6 +75,7 @@ pub struct Metrics {
     registry: Registry,
     packets: IntCounterVec,
     forward: IntCounterVec,
+    route_cache: IntCounterVec,
     rule_packets: IntCounterVec,
     rule_bytes: IntCounterVec,
     rules: IntGaugeVec,
@@ -112,6 +116,14 @@ impl Metrics {
                 "xdpnat_forward_total",
                 "Translated packets by what happened next: left from XDP (redirected, \
                  transmitted) or handed to the kernel, and why",
+            ),
+            &["result"],
+        )?;
+        let route_cache = IntCounterVec::new(
+            Opts::new(
+                "xdpnat_route_cache_total",
+                "Packets forwarded from XDP by where their route came from: the route cache \
+                 (hit) or a FIB lookup whose answer was remembered (filled)",
             ),
             &["result"],
         )?;
@@ -205,6 +217,7 @@ impl Metrics {
         for c in [
             &packets,
             &forward,
+            &route_cache,
             &rule_packets,
             &rule_bytes,
             &refused,
@@ -227,6 +240,7 @@ impl Metrics {
             registry,
             packets,
             forward,
+            route_cache,
             rule_packets,
             rule_bytes,
             rules,
@@ -258,6 +272,18 @@ impl Metrics {
                 .copied()
                 .unwrap_or(0);
             self.forward
+                .with_label_values(&[result.name()])
+                .inc_by(value);
+        }
+        self.route_cache.reset();
+        for result in RouteCacheResult::ALL {
+            let value = view
+                .stats
+                .route_cache
+                .get(result as usize)
+                .copied()
+                .unwrap_or(0);
+            self.route_cache
                 .with_label_values(&[result.name()])
                 .inc_by(value);
         }

@@ -176,6 +176,9 @@ pub struct Model {
     pub conntrack: Conntrack,
     /// Whether the DNAT destination prefixes are installed as routes to announce.
     pub announce_vips: bool,
+    /// Whether XDP forwarding reuses FIB answers between routing changes (`[agent]
+    /// route_cache`, on by default).
+    pub route_cache: bool,
     /// Where the NAT event log goes; `None`: off.
     pub event_log: Option<crate::events::EventLog>,
 }
@@ -343,6 +346,7 @@ pub fn validate(file: &str, config: &ConfigFile) -> Result<Model, ValidationErro
             bypass,
             conntrack,
             announce_vips: config.announce.vip_routes.unwrap_or(false),
+            route_cache: config.agent.route_cache.unwrap_or(true),
             event_log,
         })
     } else {

@@ -419,6 +419,13 @@ impl Owner {
                 .iter()
                 .map(|r| (r.name().to_string(), count(&snapshot.forward, *r as usize)))
                 .collect(),
+            route_cache: nat_common::route_cache::RouteCacheResult::ALL
+                .iter()
+                .map(|r| {
+                    let n = count(&snapshot.route_cache, *r as usize);
+                    (r.name().to_string(), n)
+                })
+                .collect(),
             rules: self
                 .rules
                 .iter()

@@ -143,6 +143,9 @@ pub struct Stats {
     pub reasons: BTreeMap<String, u64>,
     /// Translated packets by forwarding result.
     pub forward: BTreeMap<String, u64>,
+    /// Packets forwarded from XDP by where their route came from (the `result` label of
+    /// `xdpnat_route_cache_total`: `hit`, `filled`).
+    pub route_cache: BTreeMap<String, u64>,
     /// Counters of every rule in force, DNAT then SNAT, in priority order.
     pub rules: Vec<RuleStats>,
 }

@@ -6,8 +6,8 @@ use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use nat_lab::{
-    http_get, sockets::TcpEchoServer, wait_until, Check, DnatLab, EchoReply, HttpEcho, Netns,
-    SnatLab,
+    http_get, sockets::TcpEchoServer, udp_exchange_from, wait_until, Check, DnatLab, EchoReply,
+    HttpEcho, Netns, SnatLab, UdpEcho,
 };
 
 #[path = "common/agent.rs"]
@@ -385,6 +385,71 @@ masquerade = true
     ensure!(
         metrics.sum("xdpnat_forward_total", &[("result", "redirected")]) == 0.0,
         "a one-arm appliance has nowhere else to redirect to"
+    );
+    Ok(())
+}
+
+/// The route cache follows the kernel: an established flow forwarded from XDP stops at once
+/// when its route becomes a blackhole, and flows again when the route comes back, with the
+/// agent hearing of each change from the kernel (nothing here tells it). With a cache that
+/// did not follow, the flow would carry on over the old route for its entries' remaining uses.
+#[test]
+fn a_route_change_reaches_xdp_forwarding_at_once() -> Result<()> {
+    let lab = SnatLab::new()?;
+    let _echo = UdpEcho::start(lab.public.name(), &[5400])?;
+    let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
+    // One flow throughout: the same source port, so the same session and the same question
+    // to the FIB (and the same cache entry).
+    let source = SocketAddrV4::new(SnatLab::PRIVATE_ADDR, 40_123);
+    let target = SocketAddrV4::new(SnatLab::PUBLIC_ADDR, 5400);
+    let exchange = |count| {
+        udp_exchange_from(
+            lab.private.name(),
+            source,
+            target,
+            count,
+            Duration::from_millis(500),
+        )
+    };
+    let before = exchange(20)?;
+    ensure!(
+        before.received >= 18,
+        "the flow did not work to begin with: {before:?}"
+    );
+    let hits = agent
+        .metrics()?
+        .sum("xdpnat_route_cache_total", &[("result", "hit")]);
+    ensure!(
+        hits >= 10.0,
+        "the route cache answered only {hits} packets: is it on?\n{}",
+        agent.log_tail(2000)
+    );
+
+    let blackhole = format!("{}/32", SnatLab::PUBLIC_ADDR);
+    lab.nat
+        .run("ip", ["route", "add", "blackhole", &blackhole])?;
+    // The notification reaches the agent in well under this.
+    std::thread::sleep(Duration::from_millis(200));
+    let blocked = exchange(5)?;
+    lab.nat
+        .run("ip", ["route", "del", "blackhole", &blackhole])?;
+    ensure!(
+        blocked.received == 0,
+        "packets still got through a blackhole route: {blocked:?}"
+    );
+    let via_kernel = agent
+        .metrics()?
+        .sum("xdpnat_forward_total", &[("result", "no_route")]);
+    ensure!(
+        via_kernel >= 5.0,
+        "XDP did not see the blackhole ({via_kernel} packets without a route)"
+    );
+
+    std::thread::sleep(Duration::from_millis(200));
+    let after = exchange(10)?;
+    ensure!(
+        after.received >= 9,
+        "the flow did not come back with its route: {after:?}"
     );
     Ok(())
 }

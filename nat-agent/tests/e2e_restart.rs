@@ -28,14 +28,14 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use nat_lab::{
-    tcp_connect, tcp_roundtrip, udp_bind, udp_peer_roundtrip, DnatLab, ScratchDir, TcpEchoServer,
-    UdpPeerEcho,
+    tcp_connect, tcp_roundtrip, udp_bind, udp_exchange_from, udp_peer_roundtrip, DnatLab,
+    ScratchDir, SnatLab, TcpEchoServer, UdpEcho, UdpPeerEcho,
 };
 
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{xdp_attached, Agent, AGENT, API_SOCKET_PLACEHOLDER};
+use agent::{snat_xdp_config, xdp_attached, Agent, AGENT, API_SOCKET_PLACEHOLDER};
 
 /// A bpf filesystem mounted for one test; unmounted on drop (which drops every pin in it,
 /// detaching pinned links).
@@ -398,6 +398,64 @@ fn incompatible_pinned_state_is_refused_with_the_way_out() -> Result<()> {
     let mut agent = Agent::start(&lab.nat, &config(&state_dir, 131_072))?;
     agent.ensure_running()?;
     agent.stop(Duration::from_secs(10))?;
+    drop(bpffs);
+    Ok(())
+}
+
+/// A clean stop with pinned state leaves the program forwarding from XDP with nobody listening
+/// to routing changes: the agent turns the route cache off on its way out, so a route change
+/// made while no agent runs is followed at once (a cache left on would carry the flow over
+/// the old route for its entries' remaining uses).
+#[test]
+fn a_stopped_agent_leaves_the_route_cache_off() -> Result<()> {
+    let scratch = ScratchDir::new("route-cache")?;
+    let bpffs = Bpffs::mount(scratch.join("bpffs"))?;
+    let state_dir = bpffs.0.join("xdp-nat");
+    let lab = SnatLab::new()?;
+    let _echo = UdpEcho::start(lab.public.name(), &[5400])?;
+    let config = snat_xdp_config().replace(
+        "[agent]\n",
+        &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
+    );
+    let source = SocketAddrV4::new(SnatLab::PRIVATE_ADDR, 40_321);
+    let target = SocketAddrV4::new(SnatLab::PUBLIC_ADDR, 5400);
+    let exchange = |count| {
+        udp_exchange_from(
+            lab.private.name(),
+            source,
+            target,
+            count,
+            Duration::from_millis(500),
+        )
+    };
+
+    let mut agent = Agent::start(&lab.nat, &config)?;
+    let first = exchange(20)?;
+    ensure!(first.received >= 18, "the flow did not work: {first:?}");
+    let hits = agent
+        .metrics()?
+        .sum("xdpnat_route_cache_total", &[("result", "hit")]);
+    ensure!(hits >= 10.0, "the route cache answered only {hits} packets");
+    agent.stop(Duration::from_secs(10))?;
+
+    // The pinned program goes on forwarding the flow from XDP...
+    let alone = exchange(10)?;
+    ensure!(
+        alone.received >= 9,
+        "the flow stopped with the agent: {alone:?}"
+    );
+    // ... and follows a route change nobody reports to it.
+    let blackhole = format!("{}/32", SnatLab::PUBLIC_ADDR);
+    lab.nat
+        .run("ip", ["route", "add", "blackhole", &blackhole])?;
+    let blocked = exchange(5)?;
+    lab.nat
+        .run("ip", ["route", "del", "blackhole", &blackhole])?;
+    ensure!(
+        blocked.received == 0,
+        "packets got through a blackhole route after the agent stopped: {blocked:?}"
+    );
+    drop(lab);
     drop(bpffs);
     Ok(())
 }

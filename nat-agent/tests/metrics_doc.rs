@@ -28,6 +28,7 @@ use nat_agent::{
 };
 use nat_common::{
     ipv4::proto,
+    route_cache::RouteCacheResult,
     stats::{ForwardResult, Reason, RuleCounters},
 };
 
@@ -138,6 +139,7 @@ fn representative_view() -> ScrapeView {
     let mut stats = StatsSnapshot {
         reasons: (1..=u64::from(Reason::COUNT)).collect(),
         forward: (1..=u64::from(ForwardResult::COUNT)).collect(),
+        route_cache: (1..=u64::from(RouteCacheResult::COUNT)).collect(),
         ..Default::default()
     };
     for slot in [0, 1, 2] {

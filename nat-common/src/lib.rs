@@ -18,5 +18,6 @@ pub mod ipv4;
 pub mod maps;
 pub mod ports;
 pub mod prefilter;
+pub mod route_cache;
 pub mod rules;
 pub mod stats;

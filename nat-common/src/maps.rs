@@ -164,6 +164,16 @@ pub const IFACE_FLAG_SLOTS: u32 = 4_096;
 pub const IFACE_KNOWN: u32 = 1 << 31;
 /// Per-CPU array indexed by [`crate::stats::ForwardResult`], value: packet count (u64).
 pub const FORWARD_COUNTERS: &str = "FORWARD_COUNTERS";
+/// Per-CPU array of [`crate::route_cache::ROUTE_CACHE_SLOTS`]
+/// [`crate::route_cache::RouteCacheEntry`]: the FIB answers the forwarding stage reuses (see
+/// `route_cache`). Written only by the program. Not pinned.
+pub const ROUTE_CACHE: &str = "ROUTE_CACHE";
+/// Array of one u32: the route cache's generation, bumped by the agent on every routing
+/// notification; [`crate::route_cache::GENERATION_OFF`] turns the cache off. Not pinned (a new
+/// program generation starts with the cache off until its agent listens).
+pub const ROUTE_CACHE_GEN: &str = "ROUTE_CACHE_GEN";
+/// Per-CPU array indexed by [`crate::route_cache::RouteCacheResult`], value: packet count.
+pub const ROUTE_COUNTERS: &str = "ROUTE_COUNTERS";
 
 /// LRU hash, key: [`crate::frag::FragKey`] (a datagram as it arrived), value:
 /// [`crate::frag::FragEntry`] (the addresses its first fragment was translated to). A cache:

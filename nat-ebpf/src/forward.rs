@@ -3,6 +3,10 @@
 //! rewrites the MACs, decrements TTL like a router and sends the frame. Whatever XDP cannot
 //! finish (unknown neighbour, oversize, no route, VLAN) goes to the kernel, which resolves the
 //! neighbour or answers with ICMP; the next packets then take the fast path.
+//!
+//! The FIB's answers are reused from a per-CPU route cache while the agent reports no routing
+//! change (see `nat_common::route_cache`): the FIB lookup is the dearest step of a forwarded
+//! packet.
 
 use core::mem::MaybeUninit;
 
@@ -17,6 +21,7 @@ use aya_ebpf::{
 use nat_common::{
     checksum,
     maps::{FORWARD_XDP, IFACE_KNOWN},
+    route_cache::{self, RouteCacheEntry, RouteCacheResult, ENTRY_USES, GENERATION_OFF},
     stats::ForwardResult,
 };
 use network_types::{
@@ -25,7 +30,9 @@ use network_types::{
 };
 
 use crate::{
-    maps::{FORWARD_COUNTERS, IFACE_FLAGS, IFACE_FORWARD},
+    maps::{
+        FORWARD_COUNTERS, IFACE_FLAGS, IFACE_FORWARD, ROUTE_CACHE, ROUTE_CACHE_GEN, ROUTE_COUNTERS,
+    },
     packet::ptr_at,
     zero::zero_fill,
 };
@@ -51,7 +58,7 @@ pub fn enabled(ctx: &XdpContext) -> bool {
 #[inline(always)]
 pub fn send(ctx: &XdpContext) -> u32 {
     let result = if enabled(ctx) {
-        route(ctx)
+        route_with(ctx, current_generation())
     } else {
         ForwardResult::KernelForwards
     };
@@ -71,9 +78,37 @@ fn count(result: ForwardResult) {
     }
 }
 
-/// FIB lookup, MAC rewrite, TTL decrement and redirect; any failure leaves the frame intact.
+#[inline(always)]
+fn count_route(result: RouteCacheResult) {
+    if let Some(c) = ROUTE_COUNTERS.get_ptr_mut(result as u32) {
+        // SAFETY: per-CPU slot from a successful lookup.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The route cache's generation as the agent last wrote it (`GENERATION_OFF`: no agent
+/// listening to routing changes, so every packet asks the FIB).
+#[inline(always)]
+fn current_generation() -> u32 {
+    match ROUTE_CACHE_GEN.get(0) {
+        Some(&generation) => generation,
+        None => GENERATION_OFF,
+    }
+}
+
+/// FIB lookup, MAC rewrite, TTL decrement and redirect, always asking the FIB (the benchmark's
+/// bare forwarder, which must not be helped by the NAT's cache); any failure leaves the frame
+/// intact.
 #[inline(always)]
 pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
+    route_with(ctx, GENERATION_OFF)
+}
+
+/// [`route`], answered from the route cache where it holds this question under `generation`
+/// (see `nat_common::route_cache`); a FIB answer is remembered unless `generation` is
+/// `GENERATION_OFF`.
+#[inline(always)]
+fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return ForwardResult::NoRoute;
     };
@@ -93,16 +128,43 @@ pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
     }
 
     let ingress = ctx.ingress_ifindex() as u32;
+    let src = u32::from_ne_bytes(ip.src_addr);
+    let dst = u32::from_ne_bytes(ip.dst_addr);
+    let tot_len = u16::from_be_bytes(ip.tot_len);
+    let mut cached: Option<&mut RouteCacheEntry> = None;
+    if generation != GENERATION_OFF {
+        let slot = route_cache::slot(ingress, src, dst, ip.tos, ip.proto);
+        if let Some(entry) = ROUTE_CACHE.get_ptr_mut(slot) {
+            // SAFETY: this CPU's entry from a successful lookup; only this run uses it.
+            let entry = unsafe { &mut *entry };
+            if entry.generation == generation
+                && entry.ingress == ingress
+                && u32::from_ne_bytes(entry.src) == src
+                && u32::from_ne_bytes(entry.dst) == dst
+                && entry.tos == ip.tos
+                && entry.proto == ip.proto
+                && tot_len <= entry.fits_len
+                && entry.uses_left != 0
+            {
+                entry.uses_left -= 1;
+                count_route(RouteCacheResult::Hit);
+                let (egress, dmac, smac) = (entry.egress, entry.dmac, entry.smac);
+                return leave(eth, ip, ingress, egress, dmac, smac);
+            }
+            cached = Some(entry);
+        }
+    }
+
     let mut slot = MaybeUninit::uninit();
     // SAFETY: an all-zero bpf_fib_lookup is a valid empty request; used fields are set below.
     let params: &mut FibParams = unsafe { zero_fill(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
-    params.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+    params.__bindgen_anon_1.tot_len = tot_len;
     params.__bindgen_anon_2.tos = ip.tos;
     params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    params.__bindgen_anon_3.ipv4_src = src;
+    params.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -118,20 +180,49 @@ pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return ForwardResult::MtuExceeded,
         _ => return ForwardResult::NoRoute,
     }
+    if let Some(entry) = cached {
+        // Stamped with the generation read before the question: a routing change racing it
+        // has bumped the generation already or will, and either way this entry is not used.
+        entry.generation = generation;
+        entry.ingress = ingress;
+        entry.src = ip.src_addr;
+        entry.dst = ip.dst_addr;
+        entry.egress = params.ifindex;
+        entry.tos = ip.tos;
+        entry.proto = ip.proto;
+        entry.fits_len = tot_len;
+        entry.uses_left = ENTRY_USES;
+        entry.dmac = params.dmac;
+        entry.smac = params.smac;
+        entry._pad = 0;
+        count_route(RouteCacheResult::Filled);
+    }
+    leave(eth, ip, ingress, params.ifindex, params.dmac, params.smac)
+}
 
+/// Rewrites the frame for the next hop (TTL, MACs) and sends it out of `egress`.
+#[inline(always)]
+fn leave(
+    eth: &mut EthHdr,
+    ip: &mut Ipv4Hdr,
+    ingress: u32,
+    egress: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+) -> ForwardResult {
     // A router decrements TTL; the checksum word holding TTL is (ttl << 8) | protocol.
     let old = u16::from_be_bytes([ip.ttl, ip.proto]);
     ip.ttl -= 1;
     let new = u16::from_be_bytes([ip.ttl, ip.proto]);
     ip.check = checksum::update_u16(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
-    eth.dst_addr = params.dmac;
-    eth.src_addr = params.smac;
+    eth.dst_addr = dmac;
+    eth.src_addr = smac;
 
-    if params.ifindex == ingress {
+    if egress == ingress {
         return ForwardResult::Transmitted;
     }
     // SAFETY: helper call with plain values.
-    let rc = unsafe { bpf_redirect(params.ifindex, 0) };
+    let rc = unsafe { bpf_redirect(egress, 0) };
     if rc as u32 == xdp_action::XDP_REDIRECT {
         ForwardResult::Redirected
     } else {

@@ -21,6 +21,7 @@ use nat_common::{
     },
     ports::{PortBitmap, PortSpace, MAX_PORT_SPACES},
     prefilter::{BankFilters, FilterTable, PrefixFilter},
+    route_cache::{RouteCacheEntry, RouteCacheResult, ROUTE_CACHE_SLOTS},
     rules::NatRuleSet,
     stats::RuleCounters,
 };
@@ -197,3 +198,20 @@ pub static EVENT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "FORWARD_COUNTERS")]
 pub static FORWARD_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(FORWARD_RESULT_SLOTS, 0);
+
+/// The FIB answers the forwarding stage reuses, per CPU, direct-mapped by
+/// `nat_common::route_cache::slot` (see `nat_common::route_cache`). Per CPU so that an entry
+/// is written and read by one program run at a time: never torn.
+#[map(name = "ROUTE_CACHE")]
+pub static ROUTE_CACHE: PerCpuArray<RouteCacheEntry> =
+    PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);
+
+/// Entry 0: the route cache's generation (`GENERATION_OFF`: cache off). Written by the agent.
+#[map(name = "ROUTE_CACHE_GEN")]
+pub static ROUTE_CACHE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Packets per [`RouteCacheResult`]: forwarding-stage route questions answered by the cache or
+/// asked of the FIB and remembered.
+#[map(name = "ROUTE_COUNTERS")]
+pub static ROUTE_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(RouteCacheResult::COUNT, 0);

@@ -19,7 +19,8 @@ use aya::{
 use nat_agent::{
     dataplane::{Dataplane, LoadOptions, EBPF_OBJECT},
     load_config_text,
-    model::Interface,
+    model::{Forwarding, Interface},
+    route_watch::RouteWatch,
     Loaded,
 };
 use nat_common::{
@@ -193,6 +194,9 @@ pub struct Appliance {
     ns: String,
     dp: Dataplane,
     interfaces: Vec<Interface>,
+    /// Follows routing changes for the route cache, as `nat-agent run` does (held for its
+    /// lifetime; `None` where nothing forwards from XDP).
+    _route_watch: Option<RouteWatch>,
 }
 
 impl Appliance {
@@ -212,12 +216,27 @@ impl Appliance {
             .with_context(|| format!("loading the XDP object ({what})"))?;
             dp.apply(&compiled)
                 .with_context(|| format!("writing the {what} rules"))?;
-            Ok(dp)
+            // As deployed: the agent turns the route cache on where XDP forwards. Started here,
+            // so its netlink socket listens in the appliance's namespace; a failure fails the
+            // run rather than measure something else than what runs.
+            let forwards_from_xdp = model
+                .interfaces
+                .iter()
+                .any(|i| i.forwarding == Forwarding::Xdp);
+            let watch = if model.route_cache && forwards_from_xdp {
+                let map = dp.route_generation_map()?;
+                Some(RouteWatch::start(map).context("starting the route cache")?)
+            } else {
+                None
+            };
+            Ok((dp, watch))
         })?;
+        let (dp, route_watch) = dp;
         Ok(Self {
             ns: ns.to_owned(),
             dp,
             interfaces: model.interfaces,
+            _route_watch: route_watch,
         })
     }
 

@@ -1,0 +1,374 @@
+//! The forwarding stage's route cache, through the real program (BPF_PROG_TEST_RUN): a FIB
+//! answer is reused only for the same question, under the same generation, for a packet no
+//! longer than one the FIB said fits, and at most `ENTRY_USES` times; generation "off" asks the
+//! FIB every time. Each change of the kernel's state below is made *without* telling the
+//! program, so the frame the program sends shows whether the answer came from the cache or
+//! from the FIB: the next hop's MAC address is the one the neighbour table held when the
+//! answer was taken.
+//!
+//! The cache is per CPU, so the test thread is pinned to one CPU for the whole test.
+//!
+//! Needs root. Never skips.
+
+mod common;
+
+use std::{
+    mem::size_of,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, MapData};
+use common::{packet::Packet, xdp::Fixture};
+use nat_agent::{dataplane::interface_index, route_watch::RouteWatch};
+use nat_common::{
+    maps::{FORWARD_XDP, IFACE_FLAGS, IFACE_KNOWN, ROUTE_CACHE_GEN},
+    route_cache::{self, RouteCacheResult, ENTRY_USES, GENERATION_OFF},
+    stats::ForwardResult,
+};
+use nat_lab::Netns;
+
+/// The next hop of 198.18.1.0/24 and of 198.18.3.0/24 (MTU 600).
+const GATEWAY: &str = "198.18.0.9";
+/// The next hop of 198.18.2.0/24.
+const OTHER_GATEWAY: &str = "198.18.0.10";
+
+/// A namespace whose n0 reaches three backend networks through two gateways, both with
+/// permanent neighbour entries (so the FIB answers from XDP).
+fn lab() -> Netns {
+    let ns = Netns::new().expect("creating a network namespace (needs root)");
+    let ip = |args: &[&str]| ns.run("ip", args).expect("ip");
+    ip(&["link", "add", "n0", "type", "veth", "peer", "name", "n0p"]);
+    ip(&["addr", "add", "198.18.0.1/24", "dev", "n0"]);
+    ip(&["link", "set", "n0", "up"]);
+    ip(&["link", "set", "n0p", "up"]);
+    ip(&["route", "add", "198.18.1.0/24", "via", GATEWAY, "dev", "n0"]);
+    ip(&[
+        "route",
+        "add",
+        "198.18.2.0/24",
+        "via",
+        OTHER_GATEWAY,
+        "dev",
+        "n0",
+    ]);
+    ip(&[
+        "route",
+        "add",
+        "198.18.3.0/24",
+        "via",
+        GATEWAY,
+        "dev",
+        "n0",
+        "mtu",
+        "lock",
+        "600",
+    ]);
+    set_neighbour(&ns, GATEWAY, 0x01);
+    set_neighbour(&ns, OTHER_GATEWAY, 0xa1);
+    ns.sysctl("net.ipv4.ip_forward", "1")
+        .expect("enabling forwarding");
+    ns
+}
+
+/// Points `addr`'s permanent neighbour entry at MAC 02:00:00:00:00:`last`.
+fn set_neighbour(ns: &Netns, addr: &str, last: u8) {
+    let mac = format!("02:00:00:00:00:{last:02x}");
+    ns.run(
+        "ip",
+        [
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac,
+            "dev",
+            "n0",
+            "nud",
+            "permanent",
+        ],
+    )
+    .expect("ip neigh replace");
+}
+
+/// A config with one stateless DNAT rule per backend: VIP 198.18.100.<i+1> -> `backends[i]`.
+fn config(backends: &[String]) -> String {
+    let mut text = String::from("[[interfaces]]\nname = \"n0\"\nforwarding = \"xdp\"\n");
+    for (i, backend) in backends.iter().enumerate() {
+        text += &format!(
+            "\n[[dnat]]\nid = {}\nname = \"vip{i}\"\ndestination = \"198.18.100.{}\"\nto_address = \"{backend}\"\n",
+            i + 1,
+            i + 1
+        );
+    }
+    text
+}
+
+/// Two questions, each to a backend behind another gateway, that share a cache slot: from
+/// [`CLIENT`] to the first backend, and from the returned client to the second (both arriving
+/// on `ingress`). Only the comparison of the whole question keeps one from getting the other's
+/// answer. (The slot function spreads the hosts of one subnet evenly, so a collision needs
+/// the client to vary too.)
+fn colliding_questions(ingress: u32) -> (String, String, String) {
+    let slot_of = |client: [u8; 4], backend: [u8; 4]| {
+        route_cache::slot(
+            ingress,
+            u32::from_ne_bytes(client),
+            u32::from_ne_bytes(backend),
+            0,
+            17,
+        )
+    };
+    for a in 1..=254u8 {
+        let first = slot_of(CLIENT_OCTETS, [198, 18, 1, a]);
+        for client in 1..=254u8 {
+            for b in 1..=254u8 {
+                if slot_of([198, 51, 100, client], [198, 18, 2, b]) == first {
+                    return (
+                        format!("198.18.1.{a}"),
+                        format!("198.51.100.{client}"),
+                        format!("198.18.2.{b}"),
+                    );
+                }
+            }
+        }
+    }
+    panic!("no two questions share a slot: the slot function spreads nothing?");
+}
+
+const CLIENT: &str = "198.51.100.7";
+const CLIENT_OCTETS: [u8; 4] = [198, 51, 100, 7];
+
+/// One packet from [`CLIENT`] to VIP `vip` (1-based), `payload` bytes of UDP data.
+fn to_vip(vip: u8, payload: usize) -> Vec<u8> {
+    from_to_vip(CLIENT, vip, payload)
+}
+
+fn from_to_vip(client: &str, vip: u8, payload: usize) -> Vec<u8> {
+    Packet::udp(client, 4000, &format!("198.18.100.{vip}"), 53)
+        .with_payload(vec![0x5a; payload])
+        .build()
+}
+
+/// What the program did with `frame`: the forwarding result, the last byte of the next hop's
+/// MAC (when sent from XDP), and which route-cache counter moved (if any).
+#[derive(Debug, PartialEq, Eq)]
+struct Sent {
+    result: ForwardResult,
+    next_hop: Option<u8>,
+    route: Option<RouteCacheResult>,
+}
+
+fn send(fx: &Fixture, frame: &[u8]) -> Sent {
+    let before = fx.counters();
+    let out = fx.run(frame);
+    let after = fx.counters();
+    let moved =
+        |b: &[u64], a: &[u64]| -> Vec<usize> { (0..a.len()).filter(|&i| a[i] != b[i]).collect() };
+    let forward = moved(&before.forward, &after.forward);
+    assert_eq!(forward.len(), 1, "one forwarding result per packet");
+    let result = ForwardResult::ALL[forward[0]];
+    let route = moved(&before.route_cache, &after.route_cache);
+    assert!(
+        route.len() <= 1,
+        "at most one route-cache outcome per packet"
+    );
+    let sent_from_xdp = matches!(
+        result,
+        ForwardResult::Transmitted | ForwardResult::Redirected
+    );
+    Sent {
+        result,
+        next_hop: sent_from_xdp.then(|| out.frame[5]),
+        route: route.first().map(|&i| RouteCacheResult::ALL[i]),
+    }
+}
+
+fn hit(next_hop: u8) -> Sent {
+    Sent {
+        result: ForwardResult::Transmitted,
+        next_hop: Some(next_hop),
+        route: Some(RouteCacheResult::Hit),
+    }
+}
+
+fn filled(next_hop: u8) -> Sent {
+    Sent {
+        result: ForwardResult::Transmitted,
+        next_hop: Some(next_hop),
+        route: Some(RouteCacheResult::Filled),
+    }
+}
+
+fn uncached(next_hop: u8) -> Sent {
+    Sent {
+        result: ForwardResult::Transmitted,
+        next_hop: Some(next_hop),
+        route: None,
+    }
+}
+
+fn set_generation(fx: &mut Fixture, generation: u32) {
+    let mut map: Array<MapData, u32> =
+        Array::try_from(aya::maps::Map::Array(fx.program_map(ROUTE_CACHE_GEN)))
+            .expect("ROUTE_CACHE_GEN");
+    map.set(0, generation, 0).expect("writing ROUTE_CACHE_GEN");
+}
+
+fn forward_from_xdp(fx: &mut Fixture, ifindex: u32) {
+    let mut flags: Array<MapData, u32> =
+        Array::try_from(aya::maps::Map::Array(fx.program_map(IFACE_FLAGS))).expect("IFACE_FLAGS");
+    flags
+        .set(ifindex, IFACE_KNOWN | FORWARD_XDP, 0)
+        .expect("writing IFACE_FLAGS");
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; the call reads it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(rc, 0, "pinning the test thread to CPU {cpu}");
+}
+
+#[test]
+fn fib_answers_are_reused_only_while_they_are_the_fibs() {
+    pin_to_cpu(0);
+    let ns = lab();
+    ns.enter(|| {
+        let n0 = interface_index("n0").expect("n0's index");
+        let (near, other_client, far) = colliding_questions(n0);
+        let backends = [near, far, "198.18.3.20".to_string()];
+        let mut fx = Fixture::load(&config(&backends));
+        fx.set_ingress_ifindex(Some(n0));
+        forward_from_xdp(&mut fx, n0);
+        let small = to_vip(1, 18);
+
+        // Off (a program whose agent is not listening): every packet asks the FIB and
+        // follows the neighbour table at once.
+        set_generation(&mut fx, GENERATION_OFF);
+        assert_eq!(send(&fx, &small), uncached(0x01));
+        set_neighbour(&ns, GATEWAY, 0x02);
+        assert_eq!(send(&fx, &small), uncached(0x02));
+
+        // On: the first packet asks and is remembered, the next ones reuse the answer even
+        // though the neighbour changed (the agent has not reported it yet).
+        set_generation(&mut fx, 7);
+        assert_eq!(send(&fx, &small), filled(0x02));
+        set_neighbour(&ns, GATEWAY, 0x03);
+        assert_eq!(send(&fx, &small), hit(0x02));
+
+        // A new generation (what the agent writes on a routing notification): asked again.
+        set_generation(&mut fx, 8);
+        assert_eq!(send(&fx, &small), filled(0x03));
+        assert_eq!(send(&fx, &small), hit(0x03));
+
+        // A longer packet than the FIB said fits asks again; a shorter one reuses.
+        set_neighbour(&ns, GATEWAY, 0x04);
+        assert_eq!(send(&fx, &to_vip(1, 400)), filled(0x04));
+        assert_eq!(send(&fx, &small), hit(0x04));
+
+        // Another client's question about the other backend lands in the same slot: its own
+        // answer, never the first one's; and the first one's is asked again after.
+        let other = from_to_vip(&other_client, 2, 18);
+        assert_eq!(send(&fx, &other), filled(0xa1));
+        assert_eq!(send(&fx, &other), hit(0xa1));
+        assert_eq!(send(&fx, &small), filled(0x04));
+
+        // The FIB's MTU check stays: a small packet fills the 600-byte route's entry, a packet
+        // over its MTU is still handed to the kernel, not sent from the cache.
+        let small_mtu = to_vip(3, 18);
+        assert_eq!(send(&fx, &small_mtu), filled(0x04));
+        assert_eq!(
+            send(&fx, &to_vip(3, 900)),
+            Sent {
+                result: ForwardResult::MtuExceeded,
+                next_hop: None,
+                route: None,
+            }
+        );
+        assert_eq!(send(&fx, &small_mtu), hit(0x04));
+
+        // Without any notification, an answer is used ENTRY_USES times, then asked again.
+        set_generation(&mut fx, 9);
+        assert_eq!(send(&fx, &small), filled(0x04));
+        set_neighbour(&ns, GATEWAY, 0x05);
+        for use_ in 1..=ENTRY_USES {
+            let sent = send(&fx, &small);
+            assert_eq!(sent, hit(0x04), "use {use_} of {ENTRY_USES}");
+        }
+        assert_eq!(send(&fx, &small), filled(0x05));
+        Ok(())
+    })
+    .expect("running in the namespace");
+}
+
+fn generation(fx: &mut Fixture) -> u32 {
+    let map: Array<MapData, u32> =
+        Array::try_from(aya::maps::Map::Array(fx.program_map(ROUTE_CACHE_GEN)))
+            .expect("ROUTE_CACHE_GEN");
+    map.get(&0, 0).expect("reading ROUTE_CACHE_GEN")
+}
+
+/// The agent's side: the cache is on only while someone listens to routing changes, only
+/// where an interface forwards from XDP and `[agent] route_cache` is not false; a routing
+/// change bumps the generation; stopping turns it off for good.
+#[test]
+fn the_agent_turns_the_cache_on_only_where_it_can_listen_and_is_wanted() {
+    let ns = lab();
+    ns.enter(|| {
+        let backends = ["198.18.1.20".to_string()];
+        let xdp = config(&backends);
+        let mut fx = Fixture::load(&xdp);
+        assert_eq!(
+            generation(&mut fx),
+            GENERATION_OFF,
+            "a new program starts off"
+        );
+        let model = fx.model.clone();
+        let watch = RouteWatch::for_config(&model, fx.dataplane()).expect("the cache is on");
+        let on = generation(&mut fx);
+        assert_ne!(on, GENERATION_OFF);
+
+        // A routing change the kernel reports: a new generation, soon.
+        set_neighbour(&ns, GATEWAY, 0x42);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while generation(&mut fx) == on {
+            assert!(
+                Instant::now() < deadline,
+                "no bump after a neighbour change"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        watch.stop().expect("stopping");
+        assert_eq!(generation(&mut fx), GENERATION_OFF, "off once stopped");
+        // Changes after the stop never turn it on again.
+        set_neighbour(&ns, GATEWAY, 0x43);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(generation(&mut fx), GENERATION_OFF, "still off");
+        drop(watch);
+
+        for (what, text) in [
+            (
+                "route_cache = false",
+                format!("[agent]\nroute_cache = false\n\n{xdp}"),
+            ),
+            (
+                "kernel forwarding",
+                xdp.replace("forwarding = \"xdp\"", "forwarding = \"kernel\""),
+            ),
+        ] {
+            let mut fx = Fixture::load(&text);
+            let model = fx.model.clone();
+            assert!(
+                RouteWatch::for_config(&model, fx.dataplane()).is_none(),
+                "{what}: no cache"
+            );
+            assert_eq!(generation(&mut fx), GENERATION_OFF, "{what}: off");
+        }
+        Ok(())
+    })
+    .expect("running in the namespace");
+}
