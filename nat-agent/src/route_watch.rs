@@ -2,8 +2,8 @@
 //! `nat_common::route_cache`): a thread listens to the kernel's routing notifications and bumps
 //! the cache's generation on every one, which makes every cached answer stale at once.
 //!
-//! No notification is parsed: links, addresses, routes, policy rules, neighbours and
-//! forwarding settings are all inputs of a FIB answer, and telling which change could affect
+//! No notification is parsed: links, addresses, routes, nexthop objects, policy rules,
+//! neighbours and forwarding settings are all inputs of a FIB answer, and telling which change could affect
 //! which answer is not worth the risk of getting it wrong. Re-asking costs one FIB lookup per
 //! route per CPU.
 //!
@@ -42,8 +42,12 @@ use crate::{
 
 /// `RTNLGRP_IPV4_NETCONF` (include/uapi/linux/rtnetlink.h): per-interface forwarding settings,
 /// which decide whether the FIB forwards at all. Beyond the legacy group bitmask, so joined
-/// with `NETLINK_ADD_MEMBERSHIP`.
+/// with `NETLINK_ADD_MEMBERSHIP`, as is the next one.
 const RTNLGRP_IPV4_NETCONF: u32 = 24;
+/// `RTNLGRP_NEXTHOP`: nexthop objects (`ip nexthop`, what FRR's zebra installs routes with).
+/// The kernel also re-announces the routes a replaced object serves; listening to the objects
+/// themselves does not depend on that.
+const RTNLGRP_NEXTHOP: u32 = 32;
 
 /// Receive buffer asked for: room for a burst (a routing daemon installing a full table)
 /// before the kernel has to drop notifications, which then costs only a bump.
@@ -163,6 +167,7 @@ fn subscribe() -> io::Result<Socket> {
         RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV4_RULE,
     ))?;
     socket.add_membership(RTNLGRP_IPV4_NETCONF)?;
+    socket.add_membership(RTNLGRP_NEXTHOP)?;
     if let Err(e) = socket.set_rx_buf_sz(RECEIVE_BUFFER) {
         // The default buffer still works; an overrun only costs a bump.
         debug!("enlarging the routing-notification buffer: {e}");

@@ -328,18 +328,38 @@ fn the_agent_turns_the_cache_on_only_where_it_can_listen_and_is_wanted() {
         );
         let model = fx.model.clone();
         let watch = RouteWatch::for_config(&model, fx.dataplane()).expect("the cache is on");
-        let on = generation(&mut fx);
-        assert_ne!(on, GENERATION_OFF);
+        assert_ne!(generation(&mut fx), GENERATION_OFF);
 
-        // A routing change the kernel reports: a new generation, soon.
-        set_neighbour(&ns, GATEWAY, 0x42);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while generation(&mut fx) == on {
-            assert!(
-                Instant::now() < deadline,
-                "no bump after a neighbour change"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        // Routing changes the kernel reports: a new generation, soon, for each (a nexthop
+        // object replaced in place, as FRR's zebra does, moves every route that uses it).
+        let ip = |args: &[&str]| {
+            ns.run("ip", args).expect("ip");
+        };
+        ip(&["nexthop", "add", "id", "7", "via", GATEWAY, "dev", "n0"]);
+        ip(&["route", "add", "198.18.7.0/24", "nhid", "7"]);
+        let changes: [(&str, &dyn Fn()); 2] = [
+            ("a neighbour change", &|| set_neighbour(&ns, GATEWAY, 0x42)),
+            ("a nexthop object replaced", &|| {
+                ip(&[
+                    "nexthop",
+                    "replace",
+                    "id",
+                    "7",
+                    "via",
+                    OTHER_GATEWAY,
+                    "dev",
+                    "n0",
+                ])
+            }),
+        ];
+        for (what, change) in changes {
+            let before = generation(&mut fx);
+            change();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while generation(&mut fx) == before {
+                assert!(Instant::now() < deadline, "no bump after {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
 
         watch.stop().expect("stopping");
