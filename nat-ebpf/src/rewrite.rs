@@ -2,7 +2,11 @@
 //! incrementally (RFC 1624). Stateless DNAT and session translation both end here.
 
 use aya_ebpf::programs::XdpContext;
-use nat_common::{checksum, conntrack::FlowKey, stats::Reason};
+use nat_common::{
+    checksum::{self, Delta},
+    conntrack::FlowKey,
+    stats::Reason,
+};
 use network_types::{icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
@@ -33,14 +37,22 @@ pub fn rewrite(
     // Every field is written and every checksum adjusted unconditionally: an RFC 1624 update
     // with old == new leaves a valid checksum unchanged, and straight-line code keeps the
     // verifier from exploring every combination of "this field changed".
+    // The address change is summed once and folded into each checksum that covers it (the
+    // IP header's, and TCP's or UDP's through the pseudo-header).
+    let addrs = addrs_changed(from, to);
     ip.src_addr = to.src;
     ip.dst_addr = to.dst;
-    ip.check = addr_delta(u16::from_be_bytes(ip.check), from, to).to_be_bytes();
+    ip.check = addrs.apply(u16::from_be_bytes(ip.check)).to_be_bytes();
 
     // Ports change only where the packet carries them: not in later fragments. A first
     // fragment's L4 checksum covers the whole datagram, and an incremental update stays right
     // for it without the bytes in later fragments.
     let ports = !pkt.info.is_later_fragment;
+    let l4_delta = if ports {
+        ports_changed(addrs, from, to)
+    } else {
+        addrs
+    };
     match l4.kind {
         L4Kind::Tcp => {
             let Some(tcp) = l4_header::<TcpHdr>(ctx, pkt) else {
@@ -48,13 +60,11 @@ pub fn rewrite(
             };
             // SAFETY: bounds-checked by l4_header.
             let tcp = unsafe { &mut *tcp };
-            let mut c = addr_delta(u16::from_be_bytes(tcp.check), from, to);
             if ports {
                 tcp.source = to.sport;
                 tcp.dest = to.dport;
-                c = port_delta(c, from, to);
             }
-            tcp.check = c.to_be_bytes();
+            tcp.check = l4_delta.apply(u16::from_be_bytes(tcp.check)).to_be_bytes();
         }
         L4Kind::Udp => {
             let Some(udp) = l4_header::<UdpHdr>(ctx, pkt) else {
@@ -63,12 +73,11 @@ pub fn rewrite(
             // SAFETY: bounds-checked by l4_header.
             let udp = unsafe { &mut *udp };
             let old = u16::from_be_bytes(udp.check);
-            let mut c = addr_delta(old, from, to);
             if ports {
                 udp.src = to.sport;
                 udp.dst = to.dport;
-                c = port_delta(c, from, to);
             }
+            let c = l4_delta.apply(old);
             // UDP: 0 means "no checksum" and stays 0; a computed 0 is sent as 0xffff.
             let c = if old == 0 {
                 0
@@ -107,24 +116,28 @@ pub fn rewrite(
     Ok(())
 }
 
+/// The checksum change of both addresses changing from `from` to `to`.
+#[inline(always)]
+fn addrs_changed(from: &FlowKey, to: &FlowKey) -> Delta {
+    Delta::NONE.addr(from.src, to.src).addr(from.dst, to.dst)
+}
+
+/// `delta` plus the change of both ports from `from` to `to`.
+#[inline(always)]
+fn ports_changed(delta: Delta, from: &FlowKey, to: &FlowKey) -> Delta {
+    delta
+        .word(u16::from_be_bytes(from.sport), u16::from_be_bytes(to.sport))
+        .word(u16::from_be_bytes(from.dport), u16::from_be_bytes(to.dport))
+}
+
 /// `check` adjusted for both addresses changing from `from` to `to`.
 #[inline(always)]
 pub(crate) fn addr_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
-    let c = checksum::update_addr(check, from.src, to.src);
-    checksum::update_addr(c, from.dst, to.dst)
+    addrs_changed(from, to).apply(check)
 }
 
 /// `check` adjusted for both ports changing from `from` to `to`.
 #[inline(always)]
 pub(crate) fn port_delta(check: u16, from: &FlowKey, to: &FlowKey) -> u16 {
-    let c = checksum::update_u16(
-        check,
-        u16::from_be_bytes(from.sport),
-        u16::from_be_bytes(to.sport),
-    );
-    checksum::update_u16(
-        c,
-        u16::from_be_bytes(from.dport),
-        u16::from_be_bytes(to.dport),
-    )
+    ports_changed(Delta::NONE, from, to).apply(check)
 }
