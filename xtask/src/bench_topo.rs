@@ -26,6 +26,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use nat_common::{
     bench::{GenConfig, XDP_BENCH_DROP_PROGRAM, XDP_BENCH_REDIRECT_PROGRAM},
+    route_cache::RouteCacheResult,
     stats::{ForwardResult, Reason},
 };
 use nat_lab::in_netns;
@@ -73,8 +74,11 @@ pub struct TopoPlan {
 /// One of the configurations compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Config {
-    /// This appliance, translating and forwarding from XDP.
+    /// This appliance, translating and forwarding from XDP (as deployed: with the route cache).
     XdpForward,
+    /// The same with `[agent] route_cache = false`: a FIB lookup per packet, as the bare
+    /// forwarder does. Shows what the route cache buys, and compares like with like.
+    XdpFib,
     /// This appliance, translating and handing packets to the kernel to forward.
     XdpPass,
     /// nftables NAT with conntrack: the same translation.
@@ -87,8 +91,9 @@ pub enum Config {
 
 impl Config {
     /// Every configuration, in the order measured within a repetition.
-    pub const ALL: [Config; 5] = [
+    pub const ALL: [Config; 6] = [
         Config::XdpForward,
+        Config::XdpFib,
         Config::XdpPass,
         Config::Netfilter,
         Config::ForwardOnly,
@@ -99,6 +104,7 @@ impl Config {
     pub fn key(self) -> &'static str {
         match self {
             Config::XdpForward => "xdp-forward",
+            Config::XdpFib => "xdp-fib",
             Config::XdpPass => "xdp-pass",
             Config::Netfilter => "netfilter",
             Config::ForwardOnly => "forward-only",
@@ -110,7 +116,7 @@ impl Config {
     pub fn translates(self) -> bool {
         matches!(
             self,
-            Config::XdpForward | Config::XdpPass | Config::Netfilter
+            Config::XdpForward | Config::XdpFib | Config::XdpPass | Config::Netfilter
         )
     }
 }
@@ -357,6 +363,8 @@ struct Bench<'t> {
     /// The bare forwarder, in the appliance's namespace.
     limit: Object,
     forward: Appliance,
+    /// `forward` without the route cache.
+    fib: Appliance,
     pass: Appliance,
     nft_file: std::path::PathBuf,
     nft_on: bool,
@@ -376,13 +384,22 @@ impl<'t> Bench<'t> {
         let sink_drop = Object::load(topo.sink.name())?;
         let limit = Object::load(topo.nat.name())?;
         eprintln!(
-            "bench: loading the appliance twice (forwarding = xdp, kernel), {} sessions each",
+            "bench: loading the appliance three times (forwarding = xdp with and without the \
+             route cache, kernel), {} sessions each",
             plan.max_sessions
         );
         let forward = Appliance::load(
             topo.nat.name(),
             "xdp-forward",
             &appliance_config(plan, topo, "xdp"),
+        )?;
+        let fib = Appliance::load(
+            topo.nat.name(),
+            "xdp-fib",
+            &format!(
+                "[agent]\nroute_cache = false\n{}",
+                appliance_config(plan, topo, "xdp")
+            ),
         )?;
         let pass = Appliance::load(
             topo.nat.name(),
@@ -401,6 +418,7 @@ impl<'t> Bench<'t> {
             sink_drop,
             limit,
             forward,
+            fib,
             pass,
             nft_file,
             nft_on: false,
@@ -414,6 +432,7 @@ impl<'t> Bench<'t> {
     /// Takes every configuration off the appliance.
     fn clear_config(&mut self) -> Result<()> {
         self.forward.detach()?;
+        self.fib.detach()?;
         self.pass.detach()?;
         self.limit.detach_all()?;
         if self.nft_on {
@@ -431,6 +450,7 @@ impl<'t> Bench<'t> {
         let d = &self.topo.dev;
         match config {
             Config::XdpForward => self.forward.attach()?,
+            Config::XdpFib => self.fib.attach()?,
             Config::XdpPass => self.pass.attach()?,
             Config::Netfilter => {
                 let file = self.nft_file.to_string_lossy().into_owned();
@@ -539,6 +559,10 @@ impl<'t> Bench<'t> {
             .appliance(config)
             .map(|a| a.forward_results())
             .transpose()?;
+        let route_before = self
+            .appliance(config)
+            .map(|a| a.route_cache_results())
+            .transpose()?;
         let sent_before = self.gen.sent()?;
         let stop = AtomicBool::new(false);
         let budget = warmup + interval + Duration::from_secs(2);
@@ -632,16 +656,34 @@ impl<'t> Bench<'t> {
                     config.key()
                 );
             }
-            // And xdp-forward must have sent them from XDP, not left them to the kernel.
-            if let (Config::XdpForward, Some(fb)) = (config, forward_before) {
+            // And xdp-forward must have sent them from XDP, not left them to the kernel; with
+            // the route cache answering (xdp-forward) or never (xdp-fib), as configured.
+            if let (Config::XdpForward | Config::XdpFib, Some(fb), Some(rb)) =
+                (config, forward_before, route_before)
+            {
                 let fa = app.forward_results()?;
                 let d = |r: ForwardResult| fa[r as usize] - fb[r as usize];
                 let from_xdp = d(ForwardResult::Redirected) + d(ForwardResult::Transmitted);
                 if from_xdp < translated * 9 / 10 {
                     bail!(
-                        "{} through xdp-forward: only {from_xdp} of {translated} translated \
-                         packets left from XDP (forward results {fa:?})",
-                        Workload::Udp(traffic).key()
+                        "{} through {}: only {from_xdp} of {translated} translated packets left \
+                         from XDP (forward results {fa:?})",
+                        Workload::Udp(traffic).key(),
+                        config.key()
+                    );
+                }
+                let ra = app.route_cache_results()?;
+                let hits = ra[RouteCacheResult::Hit as usize] - rb[RouteCacheResult::Hit as usize];
+                let cached_as_configured = match config {
+                    Config::XdpForward => hits >= from_xdp * 9 / 10,
+                    _ => hits == 0,
+                };
+                if !cached_as_configured {
+                    bail!(
+                        "{} through {}: the route cache answered {hits} of {from_xdp} packets \
+                         sent from XDP",
+                        Workload::Udp(traffic).key(),
+                        config.key()
                     );
                 }
             }
@@ -666,6 +708,7 @@ impl<'t> Bench<'t> {
     fn appliance(&self, config: Config) -> Option<&Appliance> {
         match config {
             Config::XdpForward => Some(&self.forward),
+            Config::XdpFib => Some(&self.fib),
             Config::XdpPass => Some(&self.pass),
             _ => None,
         }
@@ -676,6 +719,9 @@ impl<'t> Bench<'t> {
         match config {
             Config::XdpForward => {
                 self.forward.clear_sessions()?;
+            }
+            Config::XdpFib => {
+                self.fib.clear_sessions()?;
             }
             Config::XdpPass => {
                 self.pass.clear_sessions()?;

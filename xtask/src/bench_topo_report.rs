@@ -228,6 +228,17 @@ impl TopoReport {
                 ));
             }
         }
+        if let Some(c) = self.cell("dnat-1flow", Config::XdpFib) {
+            if !c.vs_limit.is_empty() {
+                let r = median(&c.vs_limit);
+                goals.push(goal_line(
+                    "the same without the route cache (xdp-fib, dnat-1flow: a FIB lookup per \
+                     packet, like the bare forwarder) against the bare forwarder",
+                    format!("{r:.2}x"),
+                    None,
+                ));
+            }
+        }
         for (workload, config, text, want) in [
             (
                 "dnat-one-arm",
@@ -303,7 +314,10 @@ impl TopoReport {
         let (left, right, top, bottom) = (50.0, 10.0, 30.0, 60.0);
         let plot_w = width - left - right;
         let plot_h = height - top - bottom;
-        let colours = ["#1b9e77", "#66a61e", "#d95f02", "#7570b3", "#999999"];
+        // One colour per configuration, in `Config::ALL` order (the type keeps them in step).
+        let colours: [&str; Config::ALL.len()] = [
+            "#1b9e77", "#a6d854", "#66a61e", "#d95f02", "#7570b3", "#999999",
+        ];
         let groups: Vec<&(String, String, &str, &str)> = self.workloads.iter().collect();
         let ratio = |c: &Cell| (!c.vs_netfilter.is_empty()).then(|| median(&c.vs_netfilter));
         let top_value = self
@@ -368,7 +382,7 @@ impl TopoReport {
             );
         }
         for (ci, config) in Config::ALL.iter().enumerate() {
-            let x = left + ci as f64 * 130.0;
+            let x = left + ci as f64 * 115.0;
             let ly = height - 18.0;
             let _ = writeln!(
                 s,

@@ -265,6 +265,11 @@ impl Appliance {
         Ok(self.dp.snapshot(std::iter::empty())?.forward)
     }
 
+    /// Route-cache outcomes so far (index: `RouteCacheResult as usize`).
+    pub fn route_cache_results(&self) -> Result<Vec<u64>> {
+        Ok(self.dp.snapshot(std::iter::empty())?.route_cache)
+    }
+
     /// Empties the four connection-tracking tables (between new-flow measurements, so each
     /// starts from the same table).
     pub fn clear_sessions(&mut self) -> Result<u64> {

@@ -13,6 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(240);
 
 const CONFIGS: &[&str] = &[
     "xdp-forward",
+    "xdp-fib",
     "xdp-pass",
     "netfilter",
     "forward-only",
