@@ -6,14 +6,17 @@ use std::{net::SocketAddrV4, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use nat_lab::{
-    http_get, sockets::TcpEchoServer, udp_exchange_from, wait_until, Check, DnatLab, EchoReply,
-    HttpEcho, Netns, SnatLab, UdpEcho,
+    http_get, sockets::TcpEchoServer, wait_until, Check, DnatLab, EchoReply, HttpEcho, Netns,
+    SnatLab, UdpEcho,
 };
 
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{attach_pass_through, snat_xdp_config, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN};
+use agent::{
+    attach_pass_through, snat_lab_flow, snat_xdp_config, with_public_host_blackholed, Agent,
+    API_SOCKET_PLACEHOLDER, METRICS_LISTEN,
+};
 
 /// `Ip: ForwDatagrams` of the namespace: packets the kernel forwarded.
 fn kernel_forwarded(ns: &Netns) -> Result<u64> {
@@ -398,19 +401,9 @@ fn a_route_change_reaches_xdp_forwarding_at_once() -> Result<()> {
     let lab = SnatLab::new()?;
     let _echo = UdpEcho::start(lab.public.name(), &[5400])?;
     let mut agent = Agent::start(&lab.nat, &snat_xdp_config())?;
-    // One flow throughout: the same source port, so the same session and the same question
-    // to the FIB (and the same cache entry).
-    let source = SocketAddrV4::new(SnatLab::PRIVATE_ADDR, 40_123);
-    let target = SocketAddrV4::new(SnatLab::PUBLIC_ADDR, 5400);
-    let exchange = |count| {
-        udp_exchange_from(
-            lab.private.name(),
-            source,
-            target,
-            count,
-            Duration::from_millis(500),
-        )
-    };
+    // One flow throughout: the same session and the same question to the FIB (and the same
+    // cache entry).
+    let exchange = snat_lab_flow(&lab, 40_123, 5400);
     let before = exchange(20)?;
     ensure!(
         before.received >= 18,
@@ -425,14 +418,11 @@ fn a_route_change_reaches_xdp_forwarding_at_once() -> Result<()> {
         agent.log_tail(2000)
     );
 
-    let blackhole = format!("{}/32", SnatLab::PUBLIC_ADDR);
-    lab.nat
-        .run("ip", ["route", "add", "blackhole", &blackhole])?;
-    // The notification reaches the agent in well under this.
-    std::thread::sleep(Duration::from_millis(200));
-    let blocked = exchange(5)?;
-    lab.nat
-        .run("ip", ["route", "del", "blackhole", &blackhole])?;
+    let blocked = with_public_host_blackholed(&lab, || {
+        // The notification reaches the agent in well under this.
+        std::thread::sleep(Duration::from_millis(200));
+        exchange(5)
+    })?;
     ensure!(
         blocked.received == 0,
         "packets still got through a blackhole route: {blocked:?}"

@@ -28,14 +28,17 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use nat_lab::{
-    tcp_connect, tcp_roundtrip, udp_bind, udp_exchange_from, udp_peer_roundtrip, DnatLab,
-    ScratchDir, SnatLab, TcpEchoServer, UdpEcho, UdpPeerEcho,
+    tcp_connect, tcp_roundtrip, udp_bind, udp_peer_roundtrip, DnatLab, ScratchDir, SnatLab,
+    TcpEchoServer, UdpEcho, UdpPeerEcho,
 };
 
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{snat_xdp_config, xdp_attached, Agent, AGENT, API_SOCKET_PLACEHOLDER};
+use agent::{
+    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, xdp_attached, Agent, AGENT,
+    API_SOCKET_PLACEHOLDER,
+};
 
 /// A bpf filesystem mounted for one test; unmounted on drop (which drops every pin in it,
 /// detaching pinned links).
@@ -417,17 +420,7 @@ fn a_stopped_agent_leaves_the_route_cache_off() -> Result<()> {
         "[agent]\n",
         &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
     );
-    let source = SocketAddrV4::new(SnatLab::PRIVATE_ADDR, 40_321);
-    let target = SocketAddrV4::new(SnatLab::PUBLIC_ADDR, 5400);
-    let exchange = |count| {
-        udp_exchange_from(
-            lab.private.name(),
-            source,
-            target,
-            count,
-            Duration::from_millis(500),
-        )
-    };
+    let exchange = snat_lab_flow(&lab, 40_321, 5400);
 
     let mut agent = Agent::start(&lab.nat, &config)?;
     let first = exchange(20)?;
@@ -445,16 +438,13 @@ fn a_stopped_agent_leaves_the_route_cache_off() -> Result<()> {
         "the flow stopped with the agent: {alone:?}"
     );
     // ... and follows a route change nobody reports to it.
-    let blackhole = format!("{}/32", SnatLab::PUBLIC_ADDR);
-    lab.nat
-        .run("ip", ["route", "add", "blackhole", &blackhole])?;
-    let blocked = exchange(5)?;
-    lab.nat
-        .run("ip", ["route", "del", "blackhole", &blackhole])?;
+    let blocked = with_public_host_blackholed(&lab, || exchange(5))?;
     ensure!(
         blocked.received == 0,
         "packets got through a blackhole route after the agent stopped: {blocked:?}"
     );
+    // The namespaces (and their attachments) go first, then the pins.
+    drop(exchange);
     drop(lab);
     drop(bpffs);
     Ok(())

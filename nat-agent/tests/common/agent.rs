@@ -419,6 +419,43 @@ masquerade = true
     )
 }
 
+/// Lock-step UDP exchanges of one flow through the SNAT lab, `count` datagrams per call: from
+/// the private host's fixed `source_port` to the public host's UDP echo on `port`, so every
+/// call is the same session and asks the FIB the same question.
+pub fn snat_lab_flow(
+    lab: &nat_lab::SnatLab,
+    source_port: u16,
+    port: u16,
+) -> impl Fn(u32) -> Result<nat_lab::UdpExchange> + '_ {
+    use std::net::SocketAddrV4;
+    let source = SocketAddrV4::new(nat_lab::SnatLab::PRIVATE_ADDR, source_port);
+    let target = SocketAddrV4::new(nat_lab::SnatLab::PUBLIC_ADDR, port);
+    move |count| {
+        nat_lab::udp_exchange_from(
+            lab.private.name(),
+            source,
+            target,
+            count,
+            Duration::from_millis(500),
+        )
+    }
+}
+
+/// Runs `f` while the SNAT lab's NAT namespace routes the public host into a blackhole; the
+/// route is removed again whatever `f` returns.
+pub fn with_public_host_blackholed<T>(
+    lab: &nat_lab::SnatLab,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let blackhole = format!("{}/32", nat_lab::SnatLab::PUBLIC_ADDR);
+    lab.nat
+        .run("ip", ["route", "add", "blackhole", &blackhole])?;
+    let result = f();
+    lab.nat
+        .run("ip", ["route", "del", "blackhole", &blackhole])?;
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
