@@ -263,30 +263,16 @@ impl Metrics {
     /// Renders `view` in the Prometheus text format. Families are reset first so rules and
     /// interfaces that went away disappear.
     pub fn render(&self, view: &ScrapeView) -> Result<String> {
-        self.forward.reset();
-        for result in ForwardResult::ALL {
-            let value = view
-                .stats
-                .forward
-                .get(result as usize)
-                .copied()
-                .unwrap_or(0);
-            self.forward
-                .with_label_values(&[result.name()])
-                .inc_by(value);
-        }
-        self.route_cache.reset();
-        for result in RouteCacheResult::ALL {
-            let value = view
-                .stats
-                .route_cache
-                .get(result as usize)
-                .copied()
-                .unwrap_or(0);
-            self.route_cache
-                .with_label_values(&[result.name()])
-                .inc_by(value);
-        }
+        set_by_index(
+            &self.forward,
+            ForwardResult::ALL.map(|r| (r as usize, r.name())),
+            &view.stats.forward,
+        );
+        set_by_index(
+            &self.route_cache,
+            RouteCacheResult::ALL.map(|r| (r as usize, r.name())),
+            &view.stats.route_cache,
+        );
         self.packets.reset();
         for reason in Reason::ALL {
             let value = view
@@ -392,6 +378,21 @@ impl Metrics {
 /// Gauges are i64; counts never get near the limit, but never wrap either.
 fn clamp_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Resets a one-label counter family and sets it from per-index counts: label `name` gets
+/// `counts[index]` for each `(index, name)` (a count the snapshot lacks reads 0).
+fn set_by_index(
+    family: &IntCounterVec,
+    labels: impl IntoIterator<Item = (usize, &'static str)>,
+    counts: &[u64],
+) {
+    family.reset();
+    for (index, name) in labels {
+        family
+            .with_label_values(&[name])
+            .inc_by(counts.get(index).copied().unwrap_or(0));
+    }
 }
 
 #[cfg(test)]
