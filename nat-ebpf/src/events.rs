@@ -11,6 +11,7 @@ use nat_common::{
 
 use crate::{
     maps::{EVENT_CONFIG, EVENT_DROPS, SESSION_EVENTS},
+    stats::increment,
     zero::zero_fill,
 };
 
@@ -30,9 +31,6 @@ pub fn session_created(key: &FlowKey, session: &Session) {
     event.snat_rule = session.snat_rule;
     event.kind = EVENT_CREATED;
     if SESSION_EVENTS.output::<SessionEvent>(event, 0).is_err() {
-        if let Some(drops) = EVENT_DROPS.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot from a successful lookup; only this CPU writes it.
-            unsafe { *drops += 1 };
-        }
+        increment(&EVENT_DROPS, 0);
     }
 }

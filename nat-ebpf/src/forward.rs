@@ -34,6 +34,7 @@ use crate::{
         FORWARD_COUNTERS, IFACE_FLAGS, IFACE_FORWARD, ROUTE_CACHE, ROUTE_CACHE_GEN, ROUTE_COUNTERS,
     },
     packet::ptr_at,
+    stats::increment,
     zero::zero_fill,
 };
 
@@ -72,18 +73,12 @@ pub fn send(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn count(result: ForwardResult) {
-    if let Some(c) = FORWARD_COUNTERS.get_ptr_mut(result as u32) {
-        // SAFETY: per-CPU slot from a successful lookup.
-        unsafe { *c += 1 };
-    }
+    increment(&FORWARD_COUNTERS, result as u32);
 }
 
 #[inline(always)]
 fn count_route(result: RouteCacheResult) {
-    if let Some(c) = ROUTE_COUNTERS.get_ptr_mut(result as u32) {
-        // SAFETY: per-CPU slot from a successful lookup.
-        unsafe { *c += 1 };
-    }
+    increment(&ROUTE_COUNTERS, result as u32);
 }
 
 /// The route cache's generation as the agent last wrote it (`GENERATION_OFF`: no agent

@@ -1,18 +1,25 @@
 //! Counter updates. Per-CPU maps need no atomics: each CPU owns its slot.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
 use aya_log_ebpf::error;
 use nat_common::stats::Reason;
 
 use crate::maps::{REASON_COUNTERS, RULE_COUNTERS};
 
-/// Counts one packet leaving by `reason`.
+/// Adds one to slot `index` of the per-CPU counter array `counters` (an index beyond it counts
+/// nothing: the agent sizes every counter array from the same enums).
 #[inline(always)]
-pub fn count_reason(reason: Reason) {
-    if let Some(c) = REASON_COUNTERS.get_ptr_mut(reason as u32) {
+pub fn increment(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = counters.get_ptr_mut(index) {
         // SAFETY: the pointer comes from a successful per-CPU lookup and is only used on this CPU.
         unsafe { *c += 1 };
     }
+}
+
+/// Counts one packet leaving by `reason`.
+#[inline(always)]
+pub fn count_reason(reason: Reason) {
+    increment(&REASON_COUNTERS, reason as u32);
 }
 
 /// Direction of a translation, for the per-rule counters.
@@ -34,7 +41,7 @@ pub fn count_rule(ctx: &XdpContext, index: u32, direction: Direction, bytes: u64
         return;
     };
     {
-        // SAFETY: as in `count_reason`.
+        // SAFETY: as in `increment`.
         let c = unsafe { &mut *c };
         match direction {
             Direction::Original => {
