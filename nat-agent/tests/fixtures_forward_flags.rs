@@ -8,11 +8,11 @@
 
 mod common;
 
-use aya::maps::{Array, HashMap as AyaHashMap, MapData};
+use aya::maps::{HashMap as AyaHashMap, MapData};
 use common::{packet::Packet, xdp::Fixture};
 use nat_agent::dataplane::interface_index;
 use nat_common::{
-    maps::{FORWARD_XDP, IFACE_FLAGS, IFACE_FLAG_SLOTS, IFACE_FORWARD, IFACE_KNOWN},
+    maps::{FORWARD_XDP, IFACE_FLAG_SLOTS, IFACE_FORWARD, IFACE_KNOWN},
     stats::ForwardResult,
 };
 use nat_lab::Netns;
@@ -90,12 +90,6 @@ fn set_hash(fx: &mut Fixture, ifindex: u32, flags: Option<u32>) {
     }
 }
 
-fn set_array(fx: &mut Fixture, ifindex: u32, value: u32) {
-    let mut table: Array<MapData, u32> =
-        Array::try_from(aya::maps::Map::Array(fx.program_map(IFACE_FLAGS))).expect("IFACE_FLAGS");
-    table.set(ifindex, value, 0).expect("writing IFACE_FLAGS");
-}
-
 #[test]
 fn the_flags_array_decides_where_it_knows_and_the_hash_elsewhere() {
     let ns = lab();
@@ -117,13 +111,13 @@ fn the_flags_array_decides_where_it_knows_and_the_hash_elsewhere() {
         assert_eq!(forward_result(&mut fx, small), ForwardResult::NoNeighbour);
 
         // The array, once known, decides, even against the hash.
-        set_array(&mut fx, small, IFACE_KNOWN);
+        fx.set_interface_flags(small, IFACE_KNOWN);
         assert_eq!(
             forward_result(&mut fx, small),
             ForwardResult::KernelForwards
         );
         set_hash(&mut fx, small, None);
-        set_array(&mut fx, small, IFACE_KNOWN | FORWARD_XDP);
+        fx.set_interface_flags(small, IFACE_KNOWN | FORWARD_XDP);
         assert_eq!(forward_result(&mut fx, small), ForwardResult::NoNeighbour);
 
         // Beyond the array: the hash alone.

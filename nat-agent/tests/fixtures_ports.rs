@@ -20,6 +20,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use common::{
     packet::{addr, Packet},
+    pin_to_cpu,
     xdp::{Expect, Fixture, XDP_DROP, XDP_PASS},
 };
 use nat_agent::{
@@ -449,13 +450,4 @@ fn two_cpus_mapping_one_endpoint_at_once_agree_on_one_external_port() {
         bound_ports(&state, proto::UDP),
         "the index marks exactly the claims that remain"
     );
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; the call reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
 }

@@ -12,16 +12,16 @@
 
 mod common;
 
-use std::{
-    mem::size_of,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use aya::maps::{Array, MapData};
-use common::{packet::Packet, xdp::Fixture};
+use common::{
+    packet::{verify_checksums, Packet},
+    pin_to_cpu,
+    xdp::Fixture,
+};
 use nat_agent::{dataplane::interface_index, route_watch::RouteWatch};
 use nat_common::{
-    maps::{FORWARD_XDP, IFACE_FLAGS, IFACE_KNOWN, ROUTE_CACHE_GEN},
+    maps::{FORWARD_XDP, IFACE_KNOWN, ROUTE_CACHE_GEN},
     route_cache::{self, RouteCacheResult, ENTRY_USES, GENERATION_OFF},
     stats::ForwardResult,
 };
@@ -38,6 +38,7 @@ fn lab() -> Netns {
     let ns = Netns::new().expect("creating a network namespace (needs root)");
     let ip = |args: &[&str]| ns.run("ip", args).expect("ip");
     ip(&["link", "add", "n0", "type", "veth", "peer", "name", "n0p"]);
+    ip(&["link", "set", "n0", "address", "02:00:00:00:00:f0"]);
     ip(&["addr", "add", "198.18.0.1/24", "dev", "n0"]);
     ip(&["link", "set", "n0", "up"]);
     ip(&["link", "set", "n0p", "up"]);
@@ -69,6 +70,13 @@ fn lab() -> Netns {
         .expect("enabling forwarding");
     ns
 }
+
+/// n0's MAC address, set by [`lab`]: the source of every frame sent from XDP.
+const N0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xf0];
+/// The first five bytes of every next hop's MAC ([`set_neighbour`] sets the last).
+const NEXT_HOP_MAC_PREFIX: [u8; 5] = [0x02, 0, 0, 0, 0];
+/// Untagged Ethernet header length: where the IPv4 header starts.
+const ETH_LEN: usize = 14;
 
 /// Points `addr`'s permanent neighbour entry at MAC 02:00:00:00:00:`last`.
 fn set_neighbour(ns: &Netns, addr: &str, last: u8) {
@@ -150,7 +158,9 @@ fn from_to_vip(client: &str, vip: u8, payload: usize) -> Vec<u8> {
 }
 
 /// What the program did with `frame`: the forwarding result, the last byte of the next hop's
-/// MAC (when sent from XDP), and which route-cache counter moved (if any).
+/// MAC (when sent from XDP), and which route-cache counter moved (if any). A frame sent from
+/// XDP is also checked whole, whichever way its route came: both MACs, TTL one lower, every
+/// checksum right.
 #[derive(Debug, PartialEq, Eq)]
 struct Sent {
     result: ForwardResult,
@@ -176,6 +186,16 @@ fn send(fx: &Fixture, frame: &[u8]) -> Sent {
         result,
         ForwardResult::Transmitted | ForwardResult::Redirected
     );
+    if sent_from_xdp {
+        assert_eq!(out.frame[..5], NEXT_HOP_MAC_PREFIX, "next hop's MAC");
+        assert_eq!(out.frame[6..12], N0_MAC, "the egress interface's MAC");
+        assert_eq!(
+            out.frame[ETH_LEN + 8],
+            frame[ETH_LEN + 8] - 1,
+            "TTL decremented"
+        );
+        verify_checksums(&out.frame).unwrap_or_else(|e| panic!("sent frame: {e}"));
+    }
     Sent {
         result,
         next_hop: sent_from_xdp.then(|| out.frame[5]),
@@ -208,28 +228,15 @@ fn uncached(next_hop: u8) -> Sent {
 }
 
 fn set_generation(fx: &mut Fixture, generation: u32) {
-    let mut map: Array<MapData, u32> =
-        Array::try_from(aya::maps::Map::Array(fx.program_map(ROUTE_CACHE_GEN)))
-            .expect("ROUTE_CACHE_GEN");
-    map.set(0, generation, 0).expect("writing ROUTE_CACHE_GEN");
+    fx.program_array::<u32>(ROUTE_CACHE_GEN)
+        .set(0, generation, 0)
+        .expect("writing ROUTE_CACHE_GEN");
 }
 
-fn forward_from_xdp(fx: &mut Fixture, ifindex: u32) {
-    let mut flags: Array<MapData, u32> =
-        Array::try_from(aya::maps::Map::Array(fx.program_map(IFACE_FLAGS))).expect("IFACE_FLAGS");
-    flags
-        .set(ifindex, IFACE_KNOWN | FORWARD_XDP, 0)
-        .expect("writing IFACE_FLAGS");
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; the call reads it.
-    let rc = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
-    };
-    assert_eq!(rc, 0, "pinning the test thread to CPU {cpu}");
+fn generation(fx: &mut Fixture) -> u32 {
+    fx.program_array::<u32>(ROUTE_CACHE_GEN)
+        .get(&0, 0)
+        .expect("reading ROUTE_CACHE_GEN")
 }
 
 #[test]
@@ -242,7 +249,7 @@ fn fib_answers_are_reused_only_while_they_are_the_fibs() {
         let backends = [near, far, "198.18.3.20".to_string()];
         let mut fx = Fixture::load(&config(&backends));
         fx.set_ingress_ifindex(Some(n0));
-        forward_from_xdp(&mut fx, n0);
+        fx.set_interface_flags(n0, IFACE_KNOWN | FORWARD_XDP);
         let small = to_vip(1, 18);
 
         // Off (a program whose agent is not listening): every packet asks the FIB and
@@ -302,13 +309,6 @@ fn fib_answers_are_reused_only_while_they_are_the_fibs() {
         Ok(())
     })
     .expect("running in the namespace");
-}
-
-fn generation(fx: &mut Fixture) -> u32 {
-    let map: Array<MapData, u32> =
-        Array::try_from(aya::maps::Map::Array(fx.program_map(ROUTE_CACHE_GEN)))
-            .expect("ROUTE_CACHE_GEN");
-    map.get(&0, 0).expect("reading ROUTE_CACHE_GEN")
 }
 
 /// The agent's side: the cache is on only while someone listens to routing changes, only

@@ -6,7 +6,7 @@
 //! around each run, so several checks can share one fixture.
 
 use aya::{
-    maps::{Map, MapData},
+    maps::{Array, Map, MapData},
     programs::{ProgramError, TestRun, TestRunOptions},
 };
 use nat_agent::{
@@ -298,6 +298,20 @@ impl Fixture {
             }
         }
         panic!("neither xdp_nat nor xdp_nat_claim uses a map named {name:?}")
+    }
+
+    /// [`Fixture::program_map`] opened as an array of `V`.
+    pub fn program_array<V: aya::Pod>(&mut self, name: &str) -> Array<MapData, V> {
+        Array::try_from(Map::Array(self.program_map(name)))
+            .unwrap_or_else(|e| panic!("opening {name} as an array: {e:#}"))
+    }
+
+    /// Writes interface `ifindex`'s entry of `IFACE_FLAGS` (the program's fast copy of which
+    /// interfaces forward from XDP) as the agent would when attaching.
+    pub fn set_interface_flags(&mut self, ifindex: u32, flags: u32) {
+        self.program_array::<u32>(nat_common::maps::IFACE_FLAGS)
+            .set(ifindex, flags, 0)
+            .unwrap_or_else(|e| panic!("writing IFACE_FLAGS[{ifindex}]: {e:#}"));
     }
 
     /// [`Fixture::program_map`] as an `aya::maps::Map::HashMap`, ready for
