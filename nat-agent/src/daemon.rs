@@ -70,7 +70,21 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
     dataplane
         .attach_all(&model.interfaces)
         .context("attaching the XDP program")?;
-    let route_watch = RouteWatch::for_config(&model, &dataplane);
+    // Without the route cache the program asks the FIB for every packet, which is correct,
+    // only dearer: a failure to listen is reported, not fatal.
+    let route_watch = match RouteWatch::for_config(&model, &dataplane) {
+        Ok(Some(watch)) => {
+            info!(
+                "route cache on: FIB answers are reused until the kernel reports a routing change"
+            );
+            Some(watch)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            warn!("route cache off (every forwarded packet asks the FIB): {e:#}");
+            None
+        }
+    };
     info!(
         config = %config_path.display(),
         dnat_rules = model.dnat.len(),

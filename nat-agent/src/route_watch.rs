@@ -33,7 +33,7 @@ use rtnetlink::{
     },
     sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     dataplane::Dataplane,
@@ -90,26 +90,19 @@ pub struct RouteWatch {
 
 impl RouteWatch {
     /// Starts following routing changes where the config wants the route cache and some
-    /// interface forwards from XDP (`None` otherwise). Without it the program asks the FIB for
-    /// every packet, which is correct, only dearer: a failure to listen is reported, not fatal.
-    pub fn for_config(model: &Model, dataplane: &Dataplane) -> Option<RouteWatch> {
+    /// interface forwards from XDP; `Ok(None)` where it does not.
+    pub fn for_config(model: &Model, dataplane: &Dataplane) -> Result<Option<RouteWatch>> {
         let forwards_from_xdp = model
             .interfaces
             .iter()
             .any(|i| i.forwarding == Forwarding::Xdp);
         if !model.route_cache || !forwards_from_xdp {
-            return None;
+            return Ok(None);
         }
-        match dataplane.route_generation_map().and_then(RouteWatch::start) {
-            Ok(watch) => {
-                info!("route cache on: FIB answers are reused until the kernel reports a routing change");
-                Some(watch)
-            }
-            Err(e) => {
-                warn!("route cache off (every forwarded packet asks the FIB): {e:#}");
-                None
-            }
-        }
+        dataplane
+            .route_generation_map()
+            .and_then(RouteWatch::start)
+            .map(Some)
     }
 
     /// Subscribes to the routing notifications of the calling thread's network namespace,

@@ -327,7 +327,9 @@ fn the_agent_turns_the_cache_on_only_where_it_can_listen_and_is_wanted() {
             "a new program starts off"
         );
         let model = fx.model.clone();
-        let watch = RouteWatch::for_config(&model, fx.dataplane()).expect("the cache is on");
+        let watch = RouteWatch::for_config(&model, fx.dataplane())
+            .expect("starting the route cache")
+            .expect("the cache is on");
         assert_ne!(generation(&mut fx), GENERATION_OFF);
 
         // Routing changes the kernel reports: a new generation, soon, for each (a nexthop
@@ -383,7 +385,9 @@ fn the_agent_turns_the_cache_on_only_where_it_can_listen_and_is_wanted() {
             let mut fx = Fixture::load(&text);
             let model = fx.model.clone();
             assert!(
-                RouteWatch::for_config(&model, fx.dataplane()).is_none(),
+                RouteWatch::for_config(&model, fx.dataplane())
+                    .expect("deciding on the route cache")
+                    .is_none(),
                 "{what}: no cache"
             );
             assert_eq!(generation(&mut fx), GENERATION_OFF, "{what}: off");

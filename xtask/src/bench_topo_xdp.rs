@@ -19,7 +19,7 @@ use aya::{
 use nat_agent::{
     dataplane::{Dataplane, LoadOptions, EBPF_OBJECT},
     load_config_text,
-    model::{Forwarding, Interface},
+    model::Interface,
     route_watch::RouteWatch,
     Loaded,
 };
@@ -219,16 +219,7 @@ impl Appliance {
             // As deployed: the agent turns the route cache on where XDP forwards. Started here,
             // so its netlink socket listens in the appliance's namespace; a failure fails the
             // run rather than measure something else than what runs.
-            let forwards_from_xdp = model
-                .interfaces
-                .iter()
-                .any(|i| i.forwarding == Forwarding::Xdp);
-            let watch = if model.route_cache && forwards_from_xdp {
-                let map = dp.route_generation_map()?;
-                Some(RouteWatch::start(map).context("starting the route cache")?)
-            } else {
-                None
-            };
+            let watch = RouteWatch::for_config(&model, &dp).context("starting the route cache")?;
             Ok((dp, watch))
         })?;
         let (dp, route_watch) = dp;
