@@ -6,8 +6,10 @@
 
 mod attach;
 mod bank;
+mod mapped;
 pub mod pinned;
 pub mod ports;
+pub mod session_filter;
 mod sessions;
 mod snat;
 mod sys;
@@ -41,8 +43,9 @@ use nat_common::{
     maps::{
         BINDINGS, CLAIM_SLOT, DEFAULT_MAX_SESSIONS, DNAT_FORWARD, DNAT_REVERSE, ICMP_ERROR_SLOT,
         MAPPINGS, NEW_FLOW_SLOT, PROGRAMS, REASON_COUNTERS, REPLIES, RULES_SLOT, RULE_COUNTERS,
-        SESSIONS, SNAT_POOLS, SNAT_RULES, TOO_BIG_SLOT, XDP_CLAIM_PROGRAM, XDP_ICMP_ERROR_PROGRAM,
-        XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM, XDP_TOO_BIG_PROGRAM,
+        SESSIONS, SESSION_FILTER, SNAT_POOLS, SNAT_RULES, TOO_BIG_SLOT, XDP_CLAIM_PROGRAM,
+        XDP_ICMP_ERROR_PROGRAM, XDP_NEW_FLOW_PROGRAM, XDP_PROGRAM, XDP_RULES_PROGRAM,
+        XDP_TOO_BIG_PROGRAM,
     },
     maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS, PATH_MTU_FLOOR},
     maps::{LOCAL_FILTER, PORT_BITMAPS, PORT_SPACES, RULE_FILTERS},
@@ -799,6 +802,10 @@ fn take_conntrack_maps(ebpf: &mut Ebpf) -> Result<Option<KernelSessions>> {
         take(BINDINGS)?,
     );
     let mut store = KernelSessions::new(sessions, replies, mappings, bindings)?;
+    // The session filter: optional, an object without it looks every packet up.
+    if let Some(filter) = ebpf.take_map(SESSION_FILTER) {
+        store = store.with_filter(session_filter::SessionFilter::new(filter)?);
+    }
     // The free-port indexes: optional, an object without them allocates by probing.
     if let (Some(spaces), Some(bitmaps)) = (ebpf.take_map(PORT_SPACES), ebpf.take_map(PORT_BITMAPS))
     {

@@ -326,6 +326,11 @@ fn a_flow_refused_after_its_claim_gives_back_the_port_and_its_bit() {
         src: addr("198.18.9.9").octets(),
         ..reply_key.reversed()
     };
+    // Counted in the session filter as the program counts its own entries.
+    fx.conntrack()
+        .filter()
+        .expect("the loaded object has no session filter")
+        .count(&reply_key);
     replies.insert(reply_key, someone_else, 0).unwrap();
     fx.check(
         "reply tuple taken",
@@ -347,6 +352,7 @@ fn a_flow_refused_after_its_claim_gives_back_the_port_and_its_bit() {
         marked_ports(&mut fx, proto::UDP).is_empty(),
         "the released claim's bit is clear"
     );
+    fx.assert_session_filter_exact("a flow refused for a taken reply tuple");
 }
 
 #[test]

@@ -314,6 +314,15 @@ fn assert_session(what: &str, key: &FlowKey, mut want: Session, fx: &mut Fixture
 /// Table-wide invariants: every session has its reply entry and every reply entry its
 /// session; every mapping its port claim and every claim its mapping; every SNAT session's
 /// inside endpoint is mapped to exactly the source the session translates to.
+/// Counts a synthetic entry about to be written into `SESSIONS` or `REPLIES` from the test, as
+/// the program counts its own.
+fn count_in_session_filter(fx: &mut Fixture, key: &FlowKey) {
+    fx.conntrack()
+        .filter()
+        .expect("the loaded object has no session filter")
+        .count(key);
+}
+
 fn assert_consistent(state: &MemStore, what: &str) {
     for (key, s) in &state.sessions {
         assert_eq!(
@@ -480,6 +489,7 @@ fn udp_first_packet_creates_the_session_reply_is_restored_next_packet_uses_it() 
         "no new entries for known packets"
     );
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -527,6 +537,7 @@ fn new_flows_with_ip_options_vlan_tags_padding_and_no_udp_checksum_are_exact() {
     let state = fx.conntrack_snapshot();
     assert_eq!(sizes(&state), (5, 5, 5, 5));
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -618,6 +629,7 @@ fn tcp_syn_creates_syn_sent_and_the_handshake_and_teardown_advance_the_state() {
         &mut fx,
     );
     assert_consistent(&fx.conntrack_snapshot(), "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -691,6 +703,7 @@ fn a_second_flow_from_the_same_inside_endpoint_reuses_the_external_endpoint() {
     // 8 flows over 4 inside endpoints (2 ports x 2 protocols).
     assert_eq!(sizes(&state), (8, 8, 4, 4));
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -733,6 +746,7 @@ fn port_collision_falls_back_to_another_port_in_range() {
     );
     assert_eq!(sizes(&state), (5, 5, 5, 5));
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -788,6 +802,7 @@ to_address = "203.0.113.2"
     assert!(in_range(port(&ext), 20000, 20099), "{ext:?}");
     reply(&fx, "echo reply", &ping, &ext, "narrow");
     assert_consistent(&fx.conntrack_snapshot(), "end");
+    fx.assert_session_filter_exact("end");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -872,6 +887,7 @@ port_range = "2000-2003"
     let state = fx.conntrack_snapshot();
     assert_eq!(sizes(&state), (6, 6, 5, 5));
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 /// Table-full configs: the smallest table the validator accepts.
@@ -968,6 +984,7 @@ fn full_table_refuses_new_flows_while_an_established_flow_still_translates() {
         "out",
     );
     assert_consistent(&fx.conntrack_snapshot(), "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -1000,6 +1017,9 @@ fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
             flags: SESSION_SNAT,
             ..Default::default()
         };
+        // Counted in the session filter as the program counts its own (see
+        // `nat_common::session_filter`): the end of the test checks the counts are exact.
+        count_in_session_filter(&mut fx, &key);
         sessions
             .insert(key, s, 0)
             .unwrap_or_else(|e| panic!("synthetic session {i}: {e}"));
@@ -1025,6 +1045,7 @@ fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
         state.replies, full.replies,
         "the refused flow's reply entry was removed again"
     );
+    fx.assert_session_filter_exact("a flow refused for a full SESSIONS");
     orig(
         &fx,
         "established flow, sessions full",
@@ -1038,8 +1059,13 @@ fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
     sessions
         .remove(&synthetic(0))
         .expect("removing a synthetic session");
+    fx.conntrack()
+        .filter()
+        .expect("the loaded object has no session filter")
+        .uncount(&synthetic(0));
     let ext3 = start(&mut fx, "after one session left", &newcomer, "out");
     reply(&fx, "its reply", &newcomer, &ext3, "out");
+    fx.assert_session_filter_exact("end");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1120,6 +1146,7 @@ fn icmp_echo_both_ways_with_ids_kept_translated_and_restored() {
     let ext = start(&mut fx, "UDP port 0x0bad", &udp, "out");
     assert_eq!(port(&ext), 0x0bad);
     assert_consistent(&fx.conntrack_snapshot(), "end");
+    fx.assert_session_filter_exact("end");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1182,6 +1209,7 @@ to_address = ["203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"]
         "16 hosts all on one pool address {used:?}: the pool is not used"
     );
     assert_consistent(&fx.conntrack_snapshot(), "end");
+    fx.assert_session_filter_exact("end");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1306,6 +1334,7 @@ to_address = "203.0.113.1"
     let state = fx.conntrack_snapshot();
     assert_eq!(sizes(&state), (6, 6, 6, 6));
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1452,6 +1481,7 @@ fn a_flow_refused_for_a_full_table_claims_no_external_port() {
             src: [198, 19, (i >> 8) as u8, i as u8],
             ..flow_key(&established)
         };
+        count_in_session_filter(&mut fx, &key);
         sessions
             .insert(key, Session::default(), 0)
             .unwrap_or_else(|e| panic!("synthetic session {i}: {e}"));
@@ -1475,6 +1505,7 @@ fn a_flow_refused_for_a_full_table_claims_no_external_port() {
         (before.mappings, before.bindings),
         "mappings and port claims after three refused flows"
     );
+    fx.assert_session_filter_exact("after three refused flows");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1648,6 +1679,7 @@ to_address = "198.18.1.1"
     let state = fx.conntrack_snapshot();
     assert_eq!(sizes(&state), (4, 4, 4, 4));
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 #[test]
@@ -1749,6 +1781,7 @@ to_port = 80
         "DNAT-only sessions map no ports"
     );
     assert_consistent(&state, "end");
+    fx.assert_session_filter_exact("end");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2141,6 +2174,7 @@ to_address = "203.0.113.22"
             reply(&fx, &format!("{what}: reply"), &p, &ext, rule);
         }
         assert_consistent(&fx.conntrack_snapshot(), "end");
+        fx.assert_session_filter_exact("end");
         Ok(())
     })
     .expect("running in the namespace");
@@ -2282,6 +2316,7 @@ masquerade = true
             ),
         );
         assert_consistent(&fx.conntrack_snapshot(), "end");
+        fx.assert_session_filter_exact("end");
         Ok(())
     })
     .expect("running in the namespace");

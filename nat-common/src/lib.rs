@@ -20,4 +20,5 @@ pub mod ports;
 pub mod prefilter;
 pub mod route_cache;
 pub mod rules;
+pub mod session_filter;
 pub mod stats;

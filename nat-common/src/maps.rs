@@ -67,7 +67,7 @@ pub const PATH_MTU_FLOOR: &str = "PATH_MTU_FLOOR";
 /// of every pinned map. Bump it with any change to a pinned map's key, value or size, or to
 /// the meaning of its contents; an agent never reuses state of another version (see
 /// `nat-agent/src/dataplane/pinned.rs`). A test records the layout it stands for.
-pub const STATE_SCHEMA: u32 = 1;
+pub const STATE_SCHEMA: u32 = 2;
 
 /// Most distinct prefixes one bank of each DNAT trie holds (the trie holds both banks).
 pub const MAX_DNAT_PREFIXES: u32 = 16_384;
@@ -134,6 +134,10 @@ pub const PORT_SPACES: &str = "PORT_SPACES";
 /// [`PORT_SPACES`]. The kernel sets and clears bits with BPF atomics; the agent maps it into
 /// its memory and clears bits with the CPU's atomics on the same words.
 pub const PORT_BITMAPS: &str = "PORT_BITMAPS";
+/// Array (`BPF_F_MMAPABLE`) of `u64` indexed by [`crate::session_filter::slot`]: how many
+/// `SESSIONS` and `REPLIES` keys fall in each slot (see [`crate::session_filter`]). Pinned with
+/// the tables it counts.
+pub const SESSION_FILTER: &str = "SESSION_FILTER";
 /// `BPF_F_MMAPABLE` (uapi): the array's memory can be mapped into user space.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 

@@ -6,12 +6,13 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use nat_common::{
     conntrack::{Dir, Endpoint, FlowKey, Session, TcpState, NO_RULE, SESSION_DNAT, SESSION_SNAT},
+    session_filter,
     stats::Reason,
 };
 
 use crate::{
     frag,
-    maps::{PATH_MTU_FLOOR, REPLIES, SESSIONS},
+    maps::{PATH_MTU_FLOOR, REPLIES, SESSIONS, SESSION_FILTER},
     packet::frame_len,
     parse::{Ipv4Packet, L4Kind, L4},
     rewrite::rewrite,
@@ -41,6 +42,40 @@ pub fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
         && a.proto == b.proto
 }
 
+/// Whether `key` may be in `SESSIONS` or `REPLIES`: `false` only when no key of either table
+/// falls in its filter slot (see `nat_common::session_filter`).
+#[inline(always)]
+fn may_be_tracked(key: &FlowKey) -> bool {
+    match SESSION_FILTER.get(session_filter::slot(key)) {
+        Some(&count) => count != 0,
+        None => true,
+    }
+}
+
+/// Adds one to the filter slot of `key`, about to be inserted into `SESSIONS` or `REPLIES`.
+/// `false` when it could not (the entry must then not be inserted: a key the filter does not
+/// count would never be found).
+#[inline(always)]
+fn count_key(key: &FlowKey) -> bool {
+    match SESSION_FILTER.get_ptr_mut(session_filter::slot(key)) {
+        Some(count) => {
+            // SAFETY: pointer from a successful lookup into an array, which is never freed.
+            atomic_add(unsafe { &mut *count }, 1);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Takes back what [`count_key`] added, once the insert failed or the entry was removed.
+#[inline(always)]
+fn uncount_key(key: &FlowKey) {
+    if let Some(count) = SESSION_FILTER.get_ptr_mut(session_filter::slot(key)) {
+        // SAFETY: as in `count_key`. Adding all ones subtracts one.
+        atomic_add(unsafe { &mut *count }, u64::MAX);
+    }
+}
+
 /// Translates a packet of a known flow. `Ok(None)`: the packet belongs to no session.
 #[inline(always)]
 pub fn translate_existing(
@@ -49,6 +84,11 @@ pub fn translate_existing(
     l4: &L4,
     key: &FlowKey,
 ) -> Result<Option<Reason>, Reason> {
+    // Nearly every packet of stateless DNAT (and every packet nothing matches) stops here,
+    // spared two hash lookups that would both miss.
+    if !may_be_tracked(key) {
+        return Ok(None);
+    }
     if let Some(session) = SESSIONS.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup; entries are only freed after an RCU grace
         // period, so it stays valid for this run even if the agent deletes the session now.
@@ -230,16 +270,27 @@ pub fn create(
         reason
     };
 
-    // The reply entry first: inserting it if absent is what makes the reply tuple ours.
+    // The reply entry first: inserting it if absent is what makes the reply tuple ours. Each
+    // entry is counted in the session filter before it can be found, and the count is taken
+    // back whenever the insert does not add an entry.
     let reply_key = to.reversed();
+    if !count_key(&reply_key) {
+        return Err(refuse(Reason::TableFull));
+    }
     match REPLIES.insert(&reply_key, key, BPF_NOEXIST as u64) {
         Ok(()) => {}
-        Err(e) if e == EEXIST => match REPLIES.get_ptr(&reply_key) {
-            // SAFETY: pointer from a successful lookup.
-            Some(owner) if same_key(unsafe { &*owner }, key) => {}
-            _ => return Err(refuse(Reason::SessionClash)),
-        },
-        Err(_) => return Err(refuse(Reason::TableFull)),
+        Err(e) if e == EEXIST => {
+            uncount_key(&reply_key);
+            match REPLIES.get_ptr(&reply_key) {
+                // SAFETY: pointer from a successful lookup.
+                Some(owner) if same_key(unsafe { &*owner }, key) => {}
+                _ => return Err(refuse(Reason::SessionClash)),
+            }
+        }
+        Err(_) => {
+            uncount_key(&reply_key);
+            return Err(refuse(Reason::TableFull));
+        }
     }
     let mut slot = MaybeUninit::uninit();
     // SAFETY: an all-zero Session is a valid, empty one (no packets, no rules, no flags).
@@ -255,12 +306,24 @@ pub fn create(
     session.last_seen_ns = now;
     session.tcp_state = tcp_state;
     session.flags = flags;
+    if !count_key(key) {
+        if REPLIES.remove(&reply_key).is_ok() {
+            uncount_key(&reply_key);
+        }
+        return Err(refuse(Reason::TableFull));
+    }
     let created = match SESSIONS.insert(key, &*session, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU created this flow's session a moment ago: use that one.
-        Err(e) if e == EEXIST => false,
+        Err(e) if e == EEXIST => {
+            uncount_key(key);
+            false
+        }
         Err(_) => {
-            let _ = REPLIES.remove(&reply_key);
+            uncount_key(key);
+            if REPLIES.remove(&reply_key).is_ok() {
+                uncount_key(&reply_key);
+            }
             return Err(refuse(Reason::TableFull));
         }
     };

@@ -23,6 +23,7 @@ use nat_common::{
     prefilter::{BankFilters, FilterTable, PrefixFilter},
     route_cache::{RouteCacheEntry, RouteCacheResult, ROUTE_CACHE_SLOTS},
     rules::NatRuleSet,
+    session_filter::SESSION_FILTER_SLOTS,
     stats::RuleCounters,
 };
 
@@ -63,6 +64,14 @@ pub static SESSIONS: HashMap<FlowKey, Session> = HashMap::with_max_entries(DEFAU
 /// Reply-direction tuple -> original-direction tuple (the key of the flow's session).
 #[map(name = "REPLIES")]
 pub static REPLIES: HashMap<FlowKey, FlowKey> = HashMap::with_max_entries(DEFAULT_MAX_SESSIONS, 0);
+
+/// Per slot of `nat_common::session_filter::slot`: how many `SESSIONS` and `REPLIES` keys fall
+/// in it (see `nat_common::session_filter`). A packet whose slot counts zero belongs to no
+/// session. Mmapable so that the agent takes counts back with real atomic adds on the memory
+/// the kernel adds to.
+#[map(name = "SESSION_FILTER")]
+pub static SESSION_FILTER: Array<u64> =
+    Array::with_max_entries(SESSION_FILTER_SLOTS, BPF_F_MMAPABLE);
 
 /// Inside endpoint -> its external endpoint (endpoint-independent mapping, RFC 4787 REQ-1).
 #[map(name = "MAPPINGS")]

@@ -24,11 +24,11 @@ use std::{ops::Range, os::fd::AsFd};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{MapData, MapType};
-use nat_agent::dataplane::ports::PortIndex;
+use nat_agent::dataplane::{ports::PortIndex, session_filter::SessionFilter};
 use nat_common::{
     conntrack::{pool_index_for, Endpoint, FlowKey, Mapping, Session, NO_RULE, SESSION_SNAT},
     ipv4::proto,
-    maps::{BINDINGS, MAPPINGS, REPLIES, SESSIONS},
+    maps::{BINDINGS, MAPPINGS, REPLIES, SESSIONS, SESSION_FILTER},
 };
 
 use crate::{bench_packet::udp_key, bench_sys};
@@ -357,8 +357,10 @@ impl Population {
                 firsts.map(|s| &flows[(s - start) as usize]).collect();
             let keys: Vec<FlowKey> = flows.iter().map(|f| f.key).collect();
             remove(&maps.sessions, SESSIONS, &keys)?;
+            keys.iter().for_each(|k| maps.filter.uncount(k));
             let keys: Vec<FlowKey> = flows.iter().map(|f| f.translated.reversed()).collect();
             remove(&maps.replies, REPLIES, &keys)?;
+            keys.iter().for_each(|k| maps.filter.uncount(k));
             let keys: Vec<Endpoint> = endpoints.iter().map(|f| f.inside).collect();
             remove(&maps.mappings, MAPPINGS, &keys)?;
             let keys: Vec<Endpoint> = endpoints.iter().map(|f| f.external).collect();
@@ -403,7 +405,8 @@ struct Batch {
 
 impl Batch {
     /// Writes and empties the buffers, in the order the program writes: the port claim, the
-    /// mapping, the reply entry, then the session.
+    /// mapping, the reply entry, then the session, each table's keys counted in the session
+    /// filter before they are inserted (as the program counts them).
     fn flush(&mut self, maps: &ConntrackMaps) -> Result<()> {
         insert(
             &maps.bindings,
@@ -417,12 +420,14 @@ impl Batch {
             &mut self.inside,
             &mut self.mappings,
         )?;
+        self.reply_keys.iter().for_each(|k| maps.filter.count(k));
         insert(
             &maps.replies,
             REPLIES,
             &mut self.reply_keys,
             &mut self.replies,
         )?;
+        self.session_keys.iter().for_each(|k| maps.filter.count(k));
         insert(
             &maps.sessions,
             SESSIONS,
@@ -447,10 +452,10 @@ fn insert<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// The four connection-tracking maps of a loaded object, opened by id from the new-flow
-/// program's own list of maps (so they are this object's, whatever else is loaded), for batch
-/// writes and memory accounting. Reads and deletes go through the agent's own
-/// `KernelSessions`.
+/// The four connection-tracking maps of a loaded object and the session filter counting the
+/// keys of two of them, opened by id from the new-flow program's own list of maps (so they are
+/// this object's, whatever else is loaded), for batch writes and memory accounting. Reads and
+/// deletes go through the agent's own `KernelSessions`.
 pub struct ConntrackMaps {
     /// `SESSIONS`.
     pub sessions: MapData,
@@ -460,13 +465,16 @@ pub struct ConntrackMaps {
     pub mappings: MapData,
     /// `BINDINGS`.
     pub bindings: MapData,
+    /// `SESSION_FILTER`: every key written into or deleted from `SESSIONS` and `REPLIES` from
+    /// here is counted or taken back in it, or the program would skip the sessions written.
+    pub filter: SessionFilter,
 }
 
 impl ConntrackMaps {
     /// Opens the maps named in `map_ids` (a program's info) and checks their layouts.
     pub fn open(map_ids: &[u32]) -> Result<Self> {
-        let mut found: [Option<MapData>; 4] = [None, None, None, None];
-        let names = [SESSIONS, REPLIES, MAPPINGS, BINDINGS];
+        let mut found: [Option<MapData>; 5] = [None, None, None, None, None];
+        let names = [SESSIONS, REPLIES, MAPPINGS, BINDINGS, SESSION_FILTER];
         for &id in map_ids {
             let map = MapData::from_id(id).with_context(|| format!("opening BPF map id {id}"))?;
             let info = map
@@ -476,7 +484,7 @@ impl ConntrackMaps {
                 found[i] = Some(map);
             }
         }
-        let [sessions, replies, mappings, bindings] = found;
+        let [sessions, replies, mappings, bindings, filter] = found;
         let take = |m: Option<MapData>, name: &str| {
             m.ok_or_else(|| anyhow!("the new-flow program does not use a map named {name}"))
         };
@@ -485,6 +493,7 @@ impl ConntrackMaps {
             replies: take(replies, REPLIES)?,
             mappings: take(mappings, MAPPINGS)?,
             bindings: take(bindings, BINDINGS)?,
+            filter: SessionFilter::new(aya::maps::Map::Array(take(filter, SESSION_FILTER)?))?,
         };
         // aya checks key and value sizes against the types: the batch writes rely on them.
         check_layout::<FlowKey, Session>(&maps.sessions, SESSIONS)?;

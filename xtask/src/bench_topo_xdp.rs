@@ -25,6 +25,7 @@ use nat_agent::{
 };
 use nat_common::{
     bench::{GenConfig, BENCH_GEN, BENCH_GEN_SEQ, XDP_BENCH_GEN_PROGRAM},
+    conntrack::{Endpoint, FlowKey},
     maps::{BINDINGS, MAPPINGS, REPLIES, SESSIONS},
 };
 use nat_lab::in_netns;
@@ -272,17 +273,18 @@ impl Appliance {
             .ok_or_else(|| anyhow!("the kernel did not list the new-flow program's maps"))?;
         let maps = crate::bench_fill::ConntrackMaps::open(&ids)?;
         let mut sessions = 0;
-        sessions += drain::<nat_common::conntrack::FlowKey>(&maps.sessions, SESSIONS)?;
-        drain::<nat_common::conntrack::FlowKey>(&maps.replies, REPLIES)?;
-        drain::<nat_common::conntrack::Endpoint>(&maps.mappings, MAPPINGS)?;
-        drain::<nat_common::conntrack::Endpoint>(&maps.bindings, BINDINGS)?;
+        let uncount = |key: &FlowKey| maps.filter.uncount(key);
+        sessions += drain(&maps.sessions, SESSIONS, uncount)?;
+        drain(&maps.replies, REPLIES, uncount)?;
+        drain::<Endpoint>(&maps.mappings, MAPPINGS, |_| {})?;
+        drain::<Endpoint>(&maps.bindings, BINDINGS, |_| {})?;
         Ok(sessions)
     }
 }
 
 /// Deletes every key of a hash map: all keys first (no deletes while walking), then batch
-/// deletes. Returns how many there were.
-fn drain<K: aya::Pod>(map: &aya::maps::MapData, name: &str) -> Result<u64> {
+/// deletes, each deleted key then handed to `deleted`. Returns how many there were.
+fn drain<K: aya::Pod>(map: &aya::maps::MapData, name: &str, deleted: impl Fn(&K)) -> Result<u64> {
     use std::os::fd::AsFd;
     let fd = map.fd().as_fd();
     let mut keys: Vec<K> = Vec::new();
@@ -295,6 +297,7 @@ fn drain<K: aya::Pod>(map: &aya::maps::MapData, name: &str) -> Result<u64> {
     }
     for chunk in keys.chunks(8192) {
         crate::bench_sys::delete_batch(fd, chunk).with_context(|| format!("emptying {name}"))?;
+        chunk.iter().for_each(&deleted);
     }
     Ok(keys.len() as u64)
 }

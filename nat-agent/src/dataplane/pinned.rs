@@ -27,19 +27,20 @@ use aya::{
 };
 use nat_common::maps::{
     BINDINGS, DNAT_FORWARD, DNAT_REVERSE, FORWARD_COUNTERS, IFACE_FORWARD, MAPPINGS, MAX_RULES,
-    REASON_COUNTERS, REPLIES, RULE_BANK, RULE_COUNTERS, SESSIONS, SNAT_POOLS, SNAT_RULES,
-    STATE_SCHEMA,
+    REASON_COUNTERS, REPLIES, RULE_BANK, RULE_COUNTERS, SESSIONS, SESSION_FILTER, SNAT_POOLS,
+    SNAT_RULES, STATE_SCHEMA,
 };
 
 /// `statfs` magic of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The maps kept across restarts: sessions, rules (both banks and the bank switch), counters
+/// The maps kept across restarts: sessions (with the filter that counts their keys), rules (both banks and the bank switch), counters
 /// and per-interface settings. `PROGRAMS` is pinned per program generation (see the module
 /// doc); the new-flow scratch and the log buffer belong to one program and are not kept.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 14] = [
     SESSIONS,
     REPLIES,
+    SESSION_FILTER,
     MAPPINGS,
     BINDINGS,
     DNAT_FORWARD,
@@ -386,11 +387,11 @@ mod tests {
     /// The layout `STATE_SCHEMA` stands for. When this fails, a pinned map changed: bump
     /// `nat_common::maps::STATE_SCHEMA` (old state is then refused, not misread) and record
     /// the new layout here.
-    const LAYOUT_V1: &str = concat!(
+    const LAYOUT_V2: &str = concat!(
         "BINDINGS:1:8:8:1024 DNAT_FORWARD:11:9:324:32768 DNAT_REVERSE:11:9:324:32768 ",
         "FORWARD_COUNTERS:6:4:8:16 IFACE_FORWARD:1:4:4:256 MAPPINGS:1:8:16:1024 ",
         "REASON_COUNTERS:6:4:8:64 REPLIES:1:16:16:1024 RULE_BANK:2:4:4:1 ",
-        "RULE_COUNTERS:6:4:32:4096 SESSIONS:1:16:80:1024 SNAT_POOLS:2:4:264:2048 ",
+        "RULE_COUNTERS:6:4:32:4096 SESSIONS:1:16:80:1024 SESSION_FILTER:2:4:8:65536 SNAT_POOLS:2:4:264:2048 ",
         "SNAT_RULES:11:9:388:8192"
     );
 
@@ -406,7 +407,7 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(STATE_SCHEMA, 1, "record the layout of the new schema below");
-        assert_eq!(layout.join(" "), LAYOUT_V1);
+        assert_eq!(STATE_SCHEMA, 2, "record the layout of the new schema below");
+        assert_eq!(layout.join(" "), LAYOUT_V2);
     }
 }

@@ -34,7 +34,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    os::fd::{AsFd, AsRawFd},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -44,11 +43,12 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
 use nat_common::{
     conntrack::{Endpoint, Pool, SnatRuleSet, MAX_SNAT_RULES_PER_SET, SNAT_MASQUERADE},
     ipv4::proto,
+    maps::PORT_BITMAPS,
     ports::{bit_of, is_full, word_of, PortBitmap, PortSpace, PORT_WORDS, SUMMARY_WORDS},
 };
 use tracing::{debug, warn};
 
-use super::sessions::KvTable;
+use super::{mapped::MappedArray, sessions::KvTable};
 
 /// Words of one bitmap: ports, summary, top.
 const BITMAP_WORDS: usize = PORT_WORDS + SUMMARY_WORDS + 1;
@@ -66,73 +66,6 @@ const MAX_REPAIR_LOOKUPS: usize = 65_536;
 
 /// The protocols SNAT hands out ports (echo ids) for.
 pub const SNAT_PROTOCOLS: [u8; 3] = [proto::TCP, proto::UDP, proto::ICMP];
-
-/// `PORT_BITMAPS` mapped into this process.
-struct Mapped {
-    ptr: *mut AtomicU64,
-    len: usize,
-    slots: u32,
-}
-
-// SAFETY: the mapping is plain shared memory owned by this value for its whole life; every
-// access goes through atomics.
-unsafe impl Send for Mapped {}
-// SAFETY: as above.
-unsafe impl Sync for Mapped {}
-
-impl Mapped {
-    fn new(map: &MapData) -> Result<Self> {
-        let info = map.info().context("PORT_BITMAPS: info")?;
-        if info.value_size() as usize != std::mem::size_of::<PortBitmap>() {
-            bail!(
-                "PORT_BITMAPS has {}-byte values, the agent expects {}",
-                info.value_size(),
-                std::mem::size_of::<PortBitmap>()
-            );
-        }
-        let slots = info.max_entries();
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = (slots as usize * std::mem::size_of::<PortBitmap>()).div_ceil(page) * page;
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel checks size and flags.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error())
-                .context("mapping PORT_BITMAPS (needs BPF_F_MMAPABLE)");
-        }
-        Ok(Mapped {
-            ptr: ptr.cast(),
-            len,
-            slots,
-        })
-    }
-
-    /// The words of bitmap `slot`.
-    fn bitmap(&self, slot: u32) -> &[AtomicU64] {
-        assert!(slot < self.slots, "port index slot {slot} out of range");
-        // SAFETY: the mapping holds `slots` bitmaps of BITMAP_WORDS aligned u64 each (the
-        // array's element size is the value size, a multiple of 8), alive as long as `self`.
-        unsafe {
-            std::slice::from_raw_parts(self.ptr.add(slot as usize * BITMAP_WORDS), BITMAP_WORDS)
-        }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping this value created, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 /// Sets `port` in a bitmap, and its summary and top bits when they become full.
 fn set_bit(b: &[AtomicU64], port: u16) {
@@ -192,7 +125,7 @@ pub struct Repair {
 /// The free-port indexes: `PORT_SPACES` and the mapped `PORT_BITMAPS`.
 pub struct PortIndex {
     spaces: BpfHashMap<MapData, PortSpace, u32>,
-    mapped: Mapped,
+    mapped: MappedArray,
     _bitmaps: MapData,
     /// Space -> slot, as written into `PORT_SPACES`.
     slots: BTreeMap<PortSpace, u32>,
@@ -211,8 +144,8 @@ impl PortIndex {
             Map::Array(m) => m,
             other => bail!("PORT_BITMAPS is not an array map: {other:?}"),
         };
-        let mapped = Mapped::new(&bitmaps)?;
-        let free = (0..mapped.slots).rev().collect();
+        let mapped = MappedArray::new(&bitmaps, PORT_BITMAPS, std::mem::size_of::<PortBitmap>())?;
+        let free = (0..mapped.slots()).rev().collect();
         Ok(PortIndex {
             spaces,
             mapped,
@@ -231,7 +164,7 @@ impl PortIndex {
     /// A copy of the bitmap of `space`, if it has an index.
     pub fn bitmap(&self, space: &PortSpace) -> Option<Box<PortBitmap>> {
         let slot = *self.slots.get(space)?;
-        Some(copy(self.mapped.bitmap(slot)))
+        Some(copy(self.mapped.entry(slot)))
     }
 
     /// Whether `external`'s port is marked claimed; `None` without an index for its space.
@@ -240,7 +173,7 @@ impl PortIndex {
             .slots
             .get(&PortSpace::new(external.addr, external.proto))?;
         let port = u16::from_be_bytes(external.port);
-        let word = self.mapped.bitmap(slot)[word_of(port) as usize].load(Ordering::SeqCst);
+        let word = self.mapped.entry(slot)[word_of(port) as usize].load(Ordering::SeqCst);
         Some(word & bit_of(port) != 0)
     }
 
@@ -251,7 +184,7 @@ impl PortIndex {
             .slots
             .get(&PortSpace::new(external.addr, external.proto))
         {
-            set_bit(self.mapped.bitmap(slot), u16::from_be_bytes(external.port));
+            set_bit(self.mapped.entry(slot), u16::from_be_bytes(external.port));
         }
     }
 
@@ -261,7 +194,7 @@ impl PortIndex {
             .slots
             .get(&PortSpace::new(external.addr, external.proto))
         {
-            clear_bit(self.mapped.bitmap(slot), u16::from_be_bytes(external.port));
+            clear_bit(self.mapped.entry(slot), u16::from_be_bytes(external.port));
         }
     }
 
@@ -318,7 +251,7 @@ impl PortIndex {
                 );
                 continue;
             };
-            for w in self.mapped.bitmap(slot) {
+            for w in self.mapped.entry(slot) {
                 w.store(0, Ordering::SeqCst);
             }
             placed.push((space, slot));
@@ -336,7 +269,7 @@ impl PortIndex {
             for (external, _) in entries {
                 let space = PortSpace::new(external.addr, external.proto);
                 if let Some((_, slot)) = placed.iter().find(|(s, _)| *s == space) {
-                    set_bit(self.mapped.bitmap(*slot), u16::from_be_bytes(external.port));
+                    set_bit(self.mapped.entry(*slot), u16::from_be_bytes(external.port));
                 }
             }
             match next {
@@ -358,7 +291,7 @@ impl PortIndex {
     pub fn snapshot(&self) -> BTreeMap<PortSpace, Box<PortBitmap>> {
         self.slots
             .iter()
-            .map(|(space, &slot)| (*space, copy(self.mapped.bitmap(slot))))
+            .map(|(space, &slot)| (*space, copy(self.mapped.entry(slot))))
             .collect()
     }
 
@@ -377,7 +310,7 @@ impl PortIndex {
         let mut lookups = 0;
         let empty = [0u64; PORT_WORDS];
         for (space, &slot) in &self.slots {
-            let b = self.mapped.bitmap(slot);
+            let b = self.mapped.entry(slot);
             let seen = claimed.get(space).map_or(&empty, |c| &**c);
             for w in 0..PORT_WORDS {
                 let missing = seen[w] & !b[w].load(Ordering::SeqCst);

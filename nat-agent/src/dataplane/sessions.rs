@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::AsFd,
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
@@ -21,6 +22,7 @@ use nat_common::{
 
 use super::{
     ports::{Claimed, PortIndex, Repair},
+    session_filter::SessionFilter,
     sys::map_next_key,
 };
 
@@ -203,10 +205,37 @@ impl<K: aya::Pod, V: aya::Pod> KvTable<K, V> for BpfTable<K, V> {
     }
 }
 
+/// `SESSIONS` or `REPLIES`: a table whose keys the session filter counts, so every entry it
+/// deletes takes its count back (see `nat_common::session_filter`).
+pub struct FilteredTable<V: aya::Pod> {
+    table: BpfTable<FlowKey, V>,
+    /// `None` for an object without the filter.
+    filter: Option<Arc<SessionFilter>>,
+}
+
+impl<V: aya::Pod> KvTable<FlowKey, V> for FilteredTable<V> {
+    fn get(&self, key: &FlowKey) -> Result<Option<V>> {
+        self.table.get(key)
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Result<bool> {
+        let removed = self.table.remove(key)?;
+        // After the delete, never before: until then the entry may still be found.
+        if let (true, Some(filter)) = (removed, &self.filter) {
+            filter.uncount(key);
+        }
+        Ok(removed)
+    }
+
+    fn walk(&self, from: Option<&FlowKey>, limit: usize) -> Result<Walk<FlowKey, V>> {
+        self.table.walk(from, limit)
+    }
+}
+
 /// [`SessionStore`] over the kernel's maps, taken from the loaded object.
 pub struct KernelSessions {
-    sessions: BpfTable<FlowKey, Session>,
-    replies: BpfTable<FlowKey, FlowKey>,
+    sessions: FilteredTable<Session>,
+    replies: FilteredTable<FlowKey>,
     mappings: BpfTable<Endpoint, Mapping>,
     bindings: BpfTable<Endpoint, Endpoint>,
     /// Where deleted sessions are reported when the event log is on.
@@ -220,8 +249,14 @@ impl KernelSessions {
     pub fn new(sessions: Map, replies: Map, mappings: Map, bindings: Map) -> Result<Self> {
         use nat_common::maps::{BINDINGS, MAPPINGS, REPLIES, SESSIONS};
         Ok(Self {
-            sessions: BpfTable::new(SESSIONS, sessions)?,
-            replies: BpfTable::new(REPLIES, replies)?,
+            sessions: FilteredTable {
+                table: BpfTable::new(SESSIONS, sessions)?,
+                filter: None,
+            },
+            replies: FilteredTable {
+                table: BpfTable::new(REPLIES, replies)?,
+                filter: None,
+            },
             mappings: BpfTable::new(MAPPINGS, mappings)?,
             bindings: BpfTable::new(BINDINGS, bindings)?,
             deleted: None,
@@ -232,6 +267,20 @@ impl KernelSessions {
     /// Reports every deleted session to `sink` from now on (the event log).
     pub fn report_deletions(&mut self, sink: crate::events::DeletionSink) {
         self.deleted = Some(sink);
+    }
+
+    /// Adds the session filter: from now on every session and reply entry deleted takes its
+    /// count back.
+    pub fn with_filter(mut self, filter: SessionFilter) -> Self {
+        let filter = Arc::new(filter);
+        self.sessions.filter = Some(Arc::clone(&filter));
+        self.replies.filter = Some(filter);
+        self
+    }
+
+    /// The session filter, when the object has one.
+    pub fn filter(&self) -> Option<&SessionFilter> {
+        self.sessions.filter.as_deref()
     }
 
     /// Adds the free-port indexes.

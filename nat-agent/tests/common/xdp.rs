@@ -263,6 +263,29 @@ impl Fixture {
         }
     }
 
+    /// Checks that the session filter counts exactly the keys of `SESSIONS` and `REPLIES`:
+    /// each slot's count is the number of keys of the two tables that fall in it (see
+    /// `nat_common::session_filter`). Lower would make the program skip a session; higher
+    /// would leave a slot looked up for nothing.
+    pub fn assert_session_filter_exact(&mut self, what: &str) {
+        use nat_common::session_filter::{slot, SESSION_FILTER_SLOTS};
+        let state = self.conntrack_snapshot();
+        let mut expected = std::collections::BTreeMap::<u32, u64>::new();
+        for key in state.sessions.keys().chain(state.replies.keys()) {
+            *expected.entry(slot(key)).or_default() += 1;
+        }
+        let filter = self
+            .conntrack()
+            .filter()
+            .expect("the loaded object has no session filter");
+        let counted: std::collections::BTreeMap<u32, u64> = (0..SESSION_FILTER_SLOTS)
+            .map(|s| (s, filter.count_at(s)))
+            .filter(|&(_, count)| count != 0)
+            .collect();
+        assert_eq!(counted, expected, "{what}: session filter slot -> count");
+        assert_eq!(filter.underflows(), 0, "{what}: uncounted entries deleted");
+    }
+
     /// A second handle on the map `name` of this fixture's programs (found through
     /// the programs' map ids, so parallel fixtures never see each other's maps): for writes
     /// the agent's API does not offer, such as filling `SESSIONS` with synthetic entries.

@@ -1,0 +1,99 @@
+//! The agent's side of the session filter (`nat_common::session_filter`): taking back the
+//! count of every `SESSIONS` and `REPLIES` entry it deletes, and reading how full the filter
+//! is.
+//!
+//! `SESSION_FILTER` is a `BPF_F_MMAPABLE` array of counters (see [`MappedArray`]): the kernel
+//! adds with BPF atomics, the agent subtracts with `AtomicU64::fetch_update` on the same words.
+//! A count is taken back only after its entry was deleted, so between the two a packet pays a
+//! lookup that misses; never the other way round.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{bail, Result};
+use aya::maps::{Map, MapData};
+use nat_common::{
+    conntrack::FlowKey,
+    maps::SESSION_FILTER,
+    session_filter::{slot, SESSION_FILTER_SLOTS},
+};
+use tracing::warn;
+
+use super::mapped::MappedArray;
+
+/// `SESSION_FILTER`, mapped.
+pub struct SessionFilter {
+    mapped: MappedArray,
+    _map: MapData,
+    /// Deletes that found their slot at zero already (see [`SessionFilter::uncount`]).
+    underflows: AtomicU64,
+}
+
+impl SessionFilter {
+    /// Wraps the map taken from the loaded object.
+    pub fn new(map: Map) -> Result<Self> {
+        let map = match map {
+            Map::Array(m) => m,
+            other => bail!("{SESSION_FILTER} is not an array map: {other:?}"),
+        };
+        let mapped = MappedArray::new(&map, SESSION_FILTER, 8)?;
+        if mapped.slots() != SESSION_FILTER_SLOTS {
+            bail!(
+                "{SESSION_FILTER} has {} slots, the agent expects {SESSION_FILTER_SLOTS}",
+                mapped.slots()
+            );
+        }
+        Ok(SessionFilter {
+            mapped,
+            _map: map,
+            underflows: AtomicU64::new(0),
+        })
+    }
+
+    fn counter(&self, key: &FlowKey) -> &AtomicU64 {
+        &self.mapped.entry(slot(key))[0]
+    }
+
+    /// Counts `key`, about to be inserted from user space (a benchmark filling the tables).
+    pub fn count(&self, key: &FlowKey) {
+        self.counter(key).fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Takes back the count of `key`, whose entry was just deleted.
+    ///
+    /// A slot already at zero stays at zero and the event is counted: some entry was inserted
+    /// without being counted (only a tool writing the tables behind the program's back can do
+    /// that). Wrapping round instead would turn the next count back into a zero for a slot
+    /// whose entry exists.
+    pub fn uncount(&self, key: &FlowKey) {
+        let result = self
+            .counter(key)
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if result.is_err() && self.underflows.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(
+                "{SESSION_FILTER}: a deleted session-table entry had not been counted; \
+                 something writes the tables behind the program's back"
+            );
+        }
+    }
+
+    /// Slots counting at least one entry: at [`SESSION_FILTER_SLOTS`], nothing is skipped any
+    /// more.
+    pub fn slots_in_use(&self) -> u32 {
+        (0..self.mapped.slots())
+            .filter(|&s| self.count_at(s) != 0)
+            .count() as u32
+    }
+
+    /// The count of `slot`.
+    ///
+    /// # Panics
+    /// When `slot` is not below [`SESSION_FILTER_SLOTS`].
+    pub fn count_at(&self, slot: u32) -> u64 {
+        self.mapped.entry(slot)[0].load(Ordering::SeqCst)
+    }
+
+    /// Deletes that found their slot at zero already.
+    pub fn underflows(&self) -> u64 {
+        self.underflows.load(Ordering::Relaxed)
+    }
+}
