@@ -35,7 +35,7 @@ impl MappedArray {
     /// are `value_size` bytes, a multiple of 8.
     pub fn new(map: &MapData, name: &str, value_size: usize) -> Result<Self> {
         let info = map.info().with_context(|| format!("{name}: info"))?;
-        if info.value_size() as usize != value_size || value_size % 8 != 0 {
+        if info.value_size() as usize != value_size || !value_size.is_multiple_of(8) {
             bail!(
                 "{name} has {}-byte values, the agent expects {value_size}",
                 info.value_size()
