@@ -386,6 +386,12 @@ impl Dataplane {
         self.max_sessions
     }
 
+    /// The session filter (for its gauge); `None` without connection tracking or without
+    /// the filter.
+    pub fn session_filter(&self) -> Option<&session_filter::SessionFilter> {
+        self.sessions.as_ref().and_then(KernelSessions::filter)
+    }
+
     /// The session tables, for the expiry sweep and the sessions API; `None` without
     /// connection tracking.
     pub fn sessions(&mut self) -> Option<&mut KernelSessions> {

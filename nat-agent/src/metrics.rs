@@ -49,6 +49,9 @@ pub struct ConntrackView {
     pub gc_runs: u64,
     /// Duration of the last sweep run.
     pub gc_last_duration: Duration,
+    /// Slots of the session filter counting at least one session-table key (see
+    /// `nat_common::session_filter`); 0 for an object without the filter.
+    pub filter_slots_in_use: u64,
 }
 
 /// Everything a scrape reports, gathered by the task that owns the maps.
@@ -85,6 +88,7 @@ pub struct Metrics {
     events_dropped: IntCounter,
     sessions: IntGauge,
     sessions_capacity: IntGauge,
+    filter_slots_in_use: IntGauge,
     ports_in_use: IntGaugeVec,
     ports_capacity: IntGaugeVec,
     allocation_failures: IntCounter,
@@ -173,6 +177,11 @@ impl Metrics {
             "xdpnat_sessions_capacity",
             "Sessions the table can hold (max_sessions)",
         )?;
+        let filter_slots_in_use = IntGauge::new(
+            "xdpnat_session_filter_slots_in_use",
+            "Slots of the session filter (of 65536) counting at least one session key: a packet \
+             whose slot is empty skips the session lookups",
+        )?;
         let ports_in_use = IntGaugeVec::new(
             Opts::new(
                 "xdpnat_snat_ports_in_use",
@@ -229,7 +238,12 @@ impl Metrics {
         for g in [&rules, &attached, &info, &ports_in_use, &ports_capacity] {
             registry.register(Box::new(g.clone()))?;
         }
-        for g in [&generation, &sessions, &sessions_capacity] {
+        for g in [
+            &generation,
+            &sessions,
+            &sessions_capacity,
+            &filter_slots_in_use,
+        ] {
             registry.register(Box::new(g.clone()))?;
         }
         for c in [&allocation_failures, &gc_runs, &events_dropped] {
@@ -250,6 +264,7 @@ impl Metrics {
             events_dropped,
             sessions,
             sessions_capacity,
+            filter_slots_in_use,
             ports_in_use,
             ports_capacity,
             allocation_failures,
@@ -352,11 +367,14 @@ impl Metrics {
         let Some(ct) = &view.conntrack else {
             self.sessions.set(0);
             self.sessions_capacity.set(0);
+            self.filter_slots_in_use.set(0);
             self.gc_last_duration.set(0.0);
             return;
         };
         self.sessions.set(clamp_i64(ct.sessions));
         self.sessions_capacity.set(clamp_i64(ct.capacity));
+        self.filter_slots_in_use
+            .set(clamp_i64(ct.filter_slots_in_use));
         for p in &ct.ports {
             let labels = [p.address.to_string(), protocol_name(p.protocol).to_string()];
             let labels = [labels[0].as_str(), labels[1].as_str()];
@@ -472,6 +490,7 @@ mod tests {
                 },
                 gc_runs: 9,
                 gc_last_duration: Duration::from_millis(250),
+                filter_slots_in_use: 17,
             }),
             ..Default::default()
         };
@@ -485,6 +504,7 @@ mod tests {
         for line in [
             "xdpnat_sessions 12",
             "xdpnat_sessions_capacity 262144",
+            "xdpnat_session_filter_slots_in_use 17",
             "xdpnat_snat_ports_in_use{address=\"203.0.113.1\",protocol=\"udp\"} 5",
             "xdpnat_snat_ports_capacity{address=\"203.0.113.1\",protocol=\"udp\"} 64512",
             "xdpnat_snat_allocation_failures_total 4",

@@ -494,6 +494,10 @@ impl Owner {
                 expiries: status.expiries,
                 gc_runs: status.runs,
                 gc_last_duration: status.last_duration,
+                filter_slots_in_use: self
+                    .dataplane
+                    .session_filter()
+                    .map_or(0, |f| u64::from(f.slots_in_use())),
             }
         });
         Ok(ScrapeView {

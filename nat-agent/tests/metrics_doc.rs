@@ -194,6 +194,7 @@ fn representative_view() -> ScrapeView {
             },
             gc_runs: 42,
             gc_last_duration: Duration::from_millis(12),
+            filter_slots_in_use: 99,
         }),
     }
 }
