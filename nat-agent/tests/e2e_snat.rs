@@ -698,6 +698,15 @@ fn many_concurrent_tcp_connections_get_unique_in_range_ports_per_destination() -
     })?;
     ensure!(packets_with_reason(&m, "table_full") == 0.0);
     ensure!(packets_with_reason(&m, "no_port") == 0.0);
+    // The session filter counts each session's two keys by destination endpoint: the two
+    // servers' (original direction) and the 200 external endpoints (replies), give or take
+    // a hash collision; never more slots than keys.
+    let filter_slots = m.require("xdpnat_session_filter_slots_in_use", &[])?;
+    let sessions = m.require("xdpnat_sessions", &[])?;
+    ensure!(
+        (190.0..=2.0 * sessions).contains(&filter_slots),
+        "{filter_slots} session filter slots in use for {sessions} sessions"
+    );
     let list = agent.sessions_list(&["--protocol", "tcp", "--address", "203.0.113.1"])?;
     let matched = list["matched"].as_u64().unwrap_or(0);
     ensure!(
