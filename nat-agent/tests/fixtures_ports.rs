@@ -330,7 +330,7 @@ fn a_flow_refused_after_its_claim_gives_back_the_port_and_its_bit() {
     fx.conntrack()
         .filter()
         .expect("the loaded object has no session filter")
-        .count(&reply_key);
+        .count(&reply_key, nat_common::session_filter::Counted::Replies);
     replies.insert(reply_key, someone_else, 0).unwrap();
     fx.check(
         "reply tuple taken",

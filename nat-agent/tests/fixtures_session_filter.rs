@@ -20,7 +20,7 @@ use nat_agent::dataplane::{session_filter::SessionFilter, SessionStore};
 use nat_common::{
     conntrack::{tcp_flags, Endpoint, FlowKey, Session, NO_RULE, SESSION_DNAT},
     ipv4::proto,
-    session_filter::SESSION_FILTER_SLOTS,
+    session_filter::{Counted, SESSION_FILTER_SLOTS},
     stats::Reason,
 };
 
@@ -147,7 +147,15 @@ fn a_packet_whose_slot_counts_nothing_skips_the_session_tables() {
         &Expect::forward("dns", by_rule.build()),
     );
 
-    session_filter(&mut fx).count(&key);
+    // Counted as a reply key, it is still not looked up in SESSIONS: each table has its half.
+    session_filter(&mut fx).count(&key, Counted::Replies);
+    fx.check(
+        "counted for REPLIES only: SESSIONS is still skipped",
+        &input.build(),
+        &Expect::forward("dns", by_rule.build()),
+    );
+    session_filter(&mut fx).uncount(&key, Counted::Replies);
+    session_filter(&mut fx).count(&key, Counted::Sessions);
     fx.check(
         "counted, the session is found and outranks the rule",
         &input.build(),
@@ -157,9 +165,7 @@ fn a_packet_whose_slot_counts_nothing_skips_the_session_tables() {
             &[("dns", Dir::Original)],
         ),
     );
-    // A reply key in the same slot lets the lookups through as well: one count per slot,
-    // whichever table it stands for.
-    session_filter(&mut fx).uncount(&key);
+    session_filter(&mut fx).uncount(&key, Counted::Sessions);
     fx.check(
         "uncounted again, skipped again",
         &input.build(),

@@ -42,6 +42,7 @@ use nat_common::{
         SESSION_SNAT,
     },
     ipv4::proto,
+    session_filter::Counted,
     stats::Reason,
 };
 use nat_lab::Netns;
@@ -314,13 +315,13 @@ fn assert_session(what: &str, key: &FlowKey, mut want: Session, fx: &mut Fixture
 /// Table-wide invariants: every session has its reply entry and every reply entry its
 /// session; every mapping its port claim and every claim its mapping; every SNAT session's
 /// inside endpoint is mapped to exactly the source the session translates to.
-/// Counts a synthetic entry about to be written into `SESSIONS` or `REPLIES` from the test, as
-/// the program counts its own.
+/// Counts a synthetic entry about to be written into `SESSIONS` from the test, as the program
+/// counts its own.
 fn count_in_session_filter(fx: &mut Fixture, key: &FlowKey) {
     fx.conntrack()
         .filter()
         .expect("the loaded object has no session filter")
-        .count(key);
+        .count(key, Counted::Sessions);
 }
 
 fn assert_consistent(state: &MemStore, what: &str) {
@@ -1062,7 +1063,7 @@ fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
     fx.conntrack()
         .filter()
         .expect("the loaded object has no session filter")
-        .uncount(&synthetic(0));
+        .uncount(&synthetic(0), Counted::Sessions);
     let ext3 = start(&mut fx, "after one session left", &newcomer, "out");
     reply(&fx, "its reply", &newcomer, &ext3, "out");
     fx.assert_session_filter_exact("end");

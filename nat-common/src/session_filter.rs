@@ -7,16 +7,18 @@
 //! miss, and they were the largest cost left on a forwarded DNAT packet.
 //!
 //! The filter is a counting filter over the destination endpoint (address, port or echo id,
-//! protocol) of every key in the two tables: `SESSION_FILTER` holds, per [`slot`], the number of
-//! `SESSIONS` and `REPLIES` entries whose key falls in it. A packet whose slot counts zero
-//! belongs to no session, and skips both lookups. A slot shared with some session's key only
-//! costs the lookups, as before. With many sessions (an SNAT box with a busy pool) every slot is
-//! in use and the filter changes nothing; for the destinations of stateless DNAT (a few VIPs
-//! and ports) and their replies it nearly always answers "none".
+//! protocol) of every key in the two tables: `SESSION_FILTER` holds, per [`slot`], how many
+//! `SESSIONS` entries and how many `REPLIES` entries have a key that falls in it, in the two
+//! halves of one 64-bit word ([`Counted`]). A packet skips each lookup whose table counts zero
+//! in its slot: stateless DNAT and unmatched traffic skip both; the reply of an SNAT flow, whose
+//! destination is the NAT's external endpoint (never a session's original destination), skips
+//! the `SESSIONS` miss that used to come before its `REPLIES` hit. A slot shared with some
+//! other key only costs the lookups, as before. With many sessions (an SNAT box with a busy
+//! pool) every slot is in use and the filter changes nothing.
 //!
 //! The counts must never be lower than the entries, so every writer keeps them:
-//! - the program adds one to a key's slot **before** inserting the entry, and takes it back
-//!   when the insert fails. A packet that reads the count before the add misses the entry it
+//! - the program adds one to a key's slot (in its table's half) **before** inserting the
+//!   entry, and takes it back when the insert fails. A packet that reads the count before the add misses the entry it
 //!   would also have missed a moment earlier, and goes on to create the flow, which finds it;
 //! - whoever deletes an entry (the agent's sweep and API, a benchmark's clean-up) takes one
 //!   from its slot **after** a successful delete;
@@ -33,6 +35,38 @@ use crate::conntrack::FlowKey;
 pub const SESSION_FILTER_BITS: u32 = 16;
 /// Slots in `SESSION_FILTER` (a power of two: the slot is the top bits of a hash).
 pub const SESSION_FILTER_SLOTS: u32 = 1 << SESSION_FILTER_BITS;
+
+/// Which table a count stands for: each has its half of the slot's 64-bit counter, so one
+/// read answers for both tables. A half never overflows (a table holds fewer than 2^32
+/// entries) and never goes below zero (only what was added is taken back), so adding to one
+/// half never carries into the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// `SESSIONS` keys: the low half.
+    Sessions,
+    /// `REPLIES` keys: the high half.
+    Replies,
+}
+
+impl Counted {
+    /// What one key of this table adds to its slot's counter.
+    #[inline(always)]
+    pub const fn unit(self) -> u64 {
+        match self {
+            Counted::Sessions => 1,
+            Counted::Replies => 1 << 32,
+        }
+    }
+
+    /// This table's count in a slot's counter.
+    #[inline(always)]
+    pub const fn count_in(self, counter: u64) -> u32 {
+        match self {
+            Counted::Sessions => counter as u32,
+            Counted::Replies => (counter >> 32) as u32,
+        }
+    }
+}
 
 /// The filter slot of a session-table key: a hash of its destination address, destination port
 /// (or echo id) and protocol. The source is left out on purpose: stateless DNAT traffic to one
@@ -103,6 +137,27 @@ mod tests {
             "{} distinct slots for {keys} keys",
             slots.len()
         );
+    }
+
+    proptest! {
+        /// Adding and taking back units in any order keeps each table's count in its half.
+        #[test]
+        fn the_two_halves_count_apart(sessions in 0u32..100_000, replies in 0u32..100_000) {
+            let counter = sessions as u64 * Counted::Sessions.unit()
+                + replies as u64 * Counted::Replies.unit();
+            prop_assert_eq!(Counted::Sessions.count_in(counter), sessions);
+            prop_assert_eq!(Counted::Replies.count_in(counter), replies);
+            if sessions > 0 {
+                let less = counter.wrapping_add(Counted::Sessions.unit().wrapping_neg());
+                prop_assert_eq!(Counted::Sessions.count_in(less), sessions - 1);
+                prop_assert_eq!(Counted::Replies.count_in(less), replies);
+            }
+            if replies > 0 {
+                let less = counter.wrapping_add(Counted::Replies.unit().wrapping_neg());
+                prop_assert_eq!(Counted::Sessions.count_in(less), sessions);
+                prop_assert_eq!(Counted::Replies.count_in(less), replies - 1);
+            }
+        }
     }
 
     /// One external address's ports (the reply keys of an SNAT pool) spread too.

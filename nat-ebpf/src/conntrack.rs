@@ -6,7 +6,7 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
 use nat_common::{
     conntrack::{Dir, Endpoint, FlowKey, Session, TcpState, NO_RULE, SESSION_DNAT, SESSION_SNAT},
-    session_filter,
+    session_filter::{self, Counted},
     stats::Reason,
 };
 
@@ -42,25 +42,25 @@ pub fn same_endpoint(a: &Endpoint, b: &Endpoint) -> bool {
         && a.proto == b.proto
 }
 
-/// Whether `key` may be in `SESSIONS` or `REPLIES`: `false` only when no key of either table
-/// falls in its filter slot (see `nat_common::session_filter`).
+/// The filter counter of `key`'s slot: how many `SESSIONS` and `REPLIES` keys fall in it (see
+/// `nat_common::session_filter`). All ones (both tables "maybe") if it cannot be read.
 #[inline(always)]
-fn may_be_tracked(key: &FlowKey) -> bool {
+fn filter_counter(key: &FlowKey) -> u64 {
     match SESSION_FILTER.get(session_filter::slot(key)) {
-        Some(&count) => count != 0,
-        None => true,
+        Some(&counter) => counter,
+        None => u64::MAX,
     }
 }
 
-/// Adds one to the filter slot of `key`, about to be inserted into `SESSIONS` or `REPLIES`.
-/// `false` when it could not (the entry must then not be inserted: a key the filter does not
-/// count would never be found).
+/// Counts `key` in the filter for `table`, about to be inserted into it. `false` when it could
+/// not (the entry must then not be inserted: a key the filter does not count would never be
+/// found).
 #[inline(always)]
-fn count_key(key: &FlowKey) -> bool {
+fn count_key(key: &FlowKey, table: Counted) -> bool {
     match SESSION_FILTER.get_ptr_mut(session_filter::slot(key)) {
-        Some(count) => {
+        Some(counter) => {
             // SAFETY: pointer from a successful lookup into an array, which is never freed.
-            atomic_add(unsafe { &mut *count }, 1);
+            atomic_add(unsafe { &mut *counter }, table.unit());
             true
         }
         None => false,
@@ -69,10 +69,11 @@ fn count_key(key: &FlowKey) -> bool {
 
 /// Takes back what [`count_key`] added, once the insert failed or the entry was removed.
 #[inline(always)]
-fn uncount_key(key: &FlowKey) {
-    if let Some(count) = SESSION_FILTER.get_ptr_mut(session_filter::slot(key)) {
-        // SAFETY: as in `count_key`. Adding all ones subtracts one.
-        atomic_add(unsafe { &mut *count }, u64::MAX);
+fn uncount_key(key: &FlowKey, table: Counted) {
+    if let Some(counter) = SESSION_FILTER.get_ptr_mut(session_filter::slot(key)) {
+        // SAFETY: as in `count_key`. Adding the two's complement subtracts; the half was
+        // counted, so nothing borrows from the other half.
+        atomic_add(unsafe { &mut *counter }, table.unit().wrapping_neg());
     }
 }
 
@@ -84,12 +85,16 @@ pub fn translate_existing(
     l4: &L4,
     key: &FlowKey,
 ) -> Result<Option<Reason>, Reason> {
-    // Nearly every packet of stateless DNAT (and every packet nothing matches) stops here,
-    // spared two hash lookups that would both miss.
-    if !may_be_tracked(key) {
-        return Ok(None);
-    }
-    if let Some(session) = SESSIONS.get_ptr_mut(key) {
+    // Each lookup is made only if its table has keys in the packet's filter slot: nearly every
+    // packet of stateless DNAT (and every packet nothing matches) skips both, an SNAT reply
+    // skips the `SESSIONS` miss before its `REPLIES` hit.
+    let counter = filter_counter(key);
+    let session = if Counted::Sessions.count_in(counter) != 0 {
+        SESSIONS.get_ptr_mut(key)
+    } else {
+        None
+    };
+    if let Some(session) = session {
         // SAFETY: pointer from a successful lookup; entries are only freed after an RCU grace
         // period, so it stays valid for this run even if the agent deletes the session now.
         let session = unsafe { &mut *session };
@@ -107,6 +112,9 @@ pub fn translate_existing(
             Direction::Original,
         );
         return Ok(Some(Reason::SessionOrig));
+    }
+    if Counted::Replies.count_in(counter) == 0 {
+        return Ok(None);
     }
     let Some(orig) = REPLIES.get_ptr(key) else {
         return Ok(None);
@@ -274,13 +282,13 @@ pub fn create(
     // entry is counted in the session filter before it can be found, and the count is taken
     // back whenever the insert does not add an entry.
     let reply_key = to.reversed();
-    if !count_key(&reply_key) {
+    if !count_key(&reply_key, Counted::Replies) {
         return Err(refuse(Reason::TableFull));
     }
     match REPLIES.insert(&reply_key, key, BPF_NOEXIST as u64) {
         Ok(()) => {}
         Err(e) if e == EEXIST => {
-            uncount_key(&reply_key);
+            uncount_key(&reply_key, Counted::Replies);
             match REPLIES.get_ptr(&reply_key) {
                 // SAFETY: pointer from a successful lookup.
                 Some(owner) if same_key(unsafe { &*owner }, key) => {}
@@ -288,7 +296,7 @@ pub fn create(
             }
         }
         Err(_) => {
-            uncount_key(&reply_key);
+            uncount_key(&reply_key, Counted::Replies);
             return Err(refuse(Reason::TableFull));
         }
     }
@@ -306,9 +314,9 @@ pub fn create(
     session.last_seen_ns = now;
     session.tcp_state = tcp_state;
     session.flags = flags;
-    if !count_key(key) {
+    if !count_key(key, Counted::Sessions) {
         if REPLIES.remove(&reply_key).is_ok() {
-            uncount_key(&reply_key);
+            uncount_key(&reply_key, Counted::Replies);
         }
         return Err(refuse(Reason::TableFull));
     }
@@ -316,13 +324,13 @@ pub fn create(
         Ok(()) => true,
         // Another CPU created this flow's session a moment ago: use that one.
         Err(e) if e == EEXIST => {
-            uncount_key(key);
+            uncount_key(key, Counted::Sessions);
             false
         }
         Err(_) => {
-            uncount_key(key);
+            uncount_key(key, Counted::Sessions);
             if REPLIES.remove(&reply_key).is_ok() {
-                uncount_key(&reply_key);
+                uncount_key(&reply_key, Counted::Replies);
             }
             return Err(refuse(Reason::TableFull));
         }

@@ -29,6 +29,7 @@ use nat_common::{
     conntrack::{pool_index_for, Endpoint, FlowKey, Mapping, Session, NO_RULE, SESSION_SNAT},
     ipv4::proto,
     maps::{BINDINGS, MAPPINGS, REPLIES, SESSIONS, SESSION_FILTER},
+    session_filter::Counted,
 };
 
 use crate::{bench_packet::udp_key, bench_sys};
@@ -357,10 +358,12 @@ impl Population {
                 firsts.map(|s| &flows[(s - start) as usize]).collect();
             let keys: Vec<FlowKey> = flows.iter().map(|f| f.key).collect();
             remove(&maps.sessions, SESSIONS, &keys)?;
-            keys.iter().for_each(|k| maps.filter.uncount(k));
+            keys.iter()
+                .for_each(|k| maps.filter.uncount(k, Counted::Sessions));
             let keys: Vec<FlowKey> = flows.iter().map(|f| f.translated.reversed()).collect();
             remove(&maps.replies, REPLIES, &keys)?;
-            keys.iter().for_each(|k| maps.filter.uncount(k));
+            keys.iter()
+                .for_each(|k| maps.filter.uncount(k, Counted::Replies));
             let keys: Vec<Endpoint> = endpoints.iter().map(|f| f.inside).collect();
             remove(&maps.mappings, MAPPINGS, &keys)?;
             let keys: Vec<Endpoint> = endpoints.iter().map(|f| f.external).collect();
@@ -420,14 +423,18 @@ impl Batch {
             &mut self.inside,
             &mut self.mappings,
         )?;
-        self.reply_keys.iter().for_each(|k| maps.filter.count(k));
+        self.reply_keys
+            .iter()
+            .for_each(|k| maps.filter.count(k, Counted::Replies));
         insert(
             &maps.replies,
             REPLIES,
             &mut self.reply_keys,
             &mut self.replies,
         )?;
-        self.session_keys.iter().for_each(|k| maps.filter.count(k));
+        self.session_keys
+            .iter()
+            .for_each(|k| maps.filter.count(k, Counted::Sessions));
         insert(
             &maps.sessions,
             SESSIONS,

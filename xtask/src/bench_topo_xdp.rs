@@ -27,6 +27,7 @@ use nat_common::{
     bench::{GenConfig, BENCH_GEN, BENCH_GEN_SEQ, XDP_BENCH_GEN_PROGRAM},
     conntrack::{Endpoint, FlowKey},
     maps::{BINDINGS, MAPPINGS, REPLIES, SESSIONS},
+    session_filter::Counted,
 };
 use nat_lab::in_netns;
 
@@ -273,9 +274,12 @@ impl Appliance {
             .ok_or_else(|| anyhow!("the kernel did not list the new-flow program's maps"))?;
         let maps = crate::bench_fill::ConntrackMaps::open(&ids)?;
         let mut sessions = 0;
-        let uncount = |key: &FlowKey| maps.filter.uncount(key);
-        sessions += drain(&maps.sessions, SESSIONS, uncount)?;
-        drain(&maps.replies, REPLIES, uncount)?;
+        sessions += drain(&maps.sessions, SESSIONS, |key: &FlowKey| {
+            maps.filter.uncount(key, Counted::Sessions)
+        })?;
+        drain(&maps.replies, REPLIES, |key: &FlowKey| {
+            maps.filter.uncount(key, Counted::Replies)
+        })?;
         drain::<Endpoint>(&maps.mappings, MAPPINGS, |_| {})?;
         drain::<Endpoint>(&maps.bindings, BINDINGS, |_| {})?;
         Ok(sessions)

@@ -2,8 +2,9 @@
 //! count of every `SESSIONS` and `REPLIES` entry it deletes, and reading how full the filter
 //! is.
 //!
-//! `SESSION_FILTER` is a `BPF_F_MMAPABLE` array of counters (see [`MappedArray`]): the kernel
-//! adds with BPF atomics, the agent subtracts with `AtomicU64::fetch_update` on the same words.
+//! `SESSION_FILTER` is a `BPF_F_MMAPABLE` array of counters (see [`MappedArray`]), each with a
+//! half per table ([`Counted`]): the kernel adds with BPF atomics, the agent subtracts with
+//! `AtomicU64::fetch_update` on the same words.
 //! A count is taken back only after its entry was deleted, so between the two a packet pays a
 //! lookup that misses; never the other way round.
 
@@ -14,7 +15,7 @@ use aya::maps::{Map, MapData};
 use nat_common::{
     conntrack::FlowKey,
     maps::SESSION_FILTER,
-    session_filter::{slot, SESSION_FILTER_SLOTS},
+    session_filter::{slot, Counted, SESSION_FILTER_SLOTS},
 };
 use tracing::warn;
 
@@ -53,21 +54,24 @@ impl SessionFilter {
         &self.mapped.entry(slot(key))[0]
     }
 
-    /// Counts `key`, about to be inserted from user space (a benchmark filling the tables).
-    pub fn count(&self, key: &FlowKey) {
-        self.counter(key).fetch_add(1, Ordering::SeqCst);
+    /// Counts `key` for `table`, about to be inserted into it from user space (a benchmark
+    /// filling the tables).
+    pub fn count(&self, key: &FlowKey, table: Counted) {
+        self.counter(key).fetch_add(table.unit(), Ordering::SeqCst);
     }
 
-    /// Takes back the count of `key`, whose entry was just deleted.
+    /// Takes back the count of `key` in `table`, whose entry was just deleted.
     ///
-    /// A slot already at zero stays at zero and the event is counted: some entry was inserted
+    /// A half already at zero stays at zero and the event is counted: some entry was inserted
     /// without being counted (only a tool writing the tables behind the program's back can do
-    /// that). Wrapping round instead would turn the next count back into a zero for a slot
-    /// whose entry exists.
-    pub fn uncount(&self, key: &FlowKey) {
+    /// that). Subtracting anyway would borrow from the other table's half, or turn the next
+    /// count back into a zero for a slot whose entry exists.
+    pub fn uncount(&self, key: &FlowKey, table: Counted) {
         let result = self
             .counter(key)
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (table.count_in(n) != 0).then(|| n - table.unit())
+            });
         if result.is_err() && self.underflows.fetch_add(1, Ordering::Relaxed) == 0 {
             warn!(
                 "{SESSION_FILTER}: a deleted session-table entry had not been counted; \
@@ -84,7 +88,7 @@ impl SessionFilter {
             .count() as u32
     }
 
-    /// The count of `slot`.
+    /// The counter of `slot`, both halves (see [`Counted::count_in`]).
     ///
     /// # Panics
     /// When `slot` is not below [`SESSION_FILTER_SLOTS`].

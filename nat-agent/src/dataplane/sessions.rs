@@ -18,6 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData, MapError};
 use nat_common::{
     conntrack::{Endpoint, FlowKey, Mapping, Session},
     ports::{PortBitmap, PortSpace},
+    session_filter::Counted,
 };
 
 use super::{
@@ -211,6 +212,8 @@ pub struct FilteredTable<V: aya::Pod> {
     table: BpfTable<FlowKey, V>,
     /// `None` for an object without the filter.
     filter: Option<Arc<SessionFilter>>,
+    /// Which half of the filter's counters this table's keys count in.
+    counted: Counted,
 }
 
 impl<V: aya::Pod> KvTable<FlowKey, V> for FilteredTable<V> {
@@ -222,7 +225,7 @@ impl<V: aya::Pod> KvTable<FlowKey, V> for FilteredTable<V> {
         let removed = self.table.remove(key)?;
         // After the delete, never before: until then the entry may still be found.
         if let (true, Some(filter)) = (removed, &self.filter) {
-            filter.uncount(key);
+            filter.uncount(key, self.counted);
         }
         Ok(removed)
     }
@@ -252,10 +255,12 @@ impl KernelSessions {
             sessions: FilteredTable {
                 table: BpfTable::new(SESSIONS, sessions)?,
                 filter: None,
+                counted: Counted::Sessions,
             },
             replies: FilteredTable {
                 table: BpfTable::new(REPLIES, replies)?,
                 filter: None,
+                counted: Counted::Replies,
             },
             mappings: BpfTable::new(MAPPINGS, mappings)?,
             bindings: BpfTable::new(BINDINGS, bindings)?,
