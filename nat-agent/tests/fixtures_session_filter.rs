@@ -11,12 +11,14 @@
 
 mod common;
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use common::{
     packet::{addr, Packet},
     xdp::{Dir, Expect, Fixture},
 };
-use nat_agent::dataplane::{session_filter::SessionFilter, SessionStore};
+use nat_agent::dataplane::{session_filter::SessionFilter, KernelSessions, SessionStore, Walk};
 use nat_common::{
     conntrack::{tcp_flags, Endpoint, FlowKey, Session, NO_RULE, SESSION_DNAT},
     ipv4::proto,
@@ -261,4 +263,90 @@ fn counts_follow_every_entry_the_program_inserts_and_the_agent_deletes() {
         0,
         "of {SESSION_FILTER_SLOTS} slots"
     );
+}
+
+/// The counts stay exact when both CPUs create flows at once (the same flows from both, so
+/// that inserts race and lose with `EEXIST`; more flows than the table holds, so that inserts
+/// fail for room) while the agent's delete path removes sessions under them: the kernel's BPF
+/// atomics and the agent's `fetch_update` on the mapped counters never lose a change.
+#[test]
+fn counts_stay_exact_while_both_cpus_create_and_the_agent_deletes() {
+    const FLOWS: u16 = 1500; // of a table of 1024
+    let mut fx = Fixture::load(SNAT_ONLY);
+    // The deleter's own store over the same maps: the agent's delete path, with its own
+    // mapping of the filter (the same memory).
+    let mut deleter = KernelSessions::new(
+        Map::HashMap(fx.program_map("SESSIONS")),
+        Map::HashMap(fx.program_map("REPLIES")),
+        Map::HashMap(fx.program_map("MAPPINGS")),
+        Map::HashMap(fx.program_map("BINDINGS")),
+    )
+    .expect("a second store over the session tables")
+    .with_filter(
+        SessionFilter::new(Map::Array(fx.program_map("SESSION_FILTER")))
+            .expect("a second mapping of the session filter"),
+    );
+    let frames: Vec<Vec<u8>> = (0..FLOWS)
+        .map(|i| {
+            let host = format!("198.18.0.{}", 2 + i % 200);
+            Packet::udp(&host, 20000 + i, SRV, 53).build()
+        })
+        .collect();
+    let creating = AtomicUsize::new(2);
+    let deleted = std::thread::scope(|scope| {
+        for cpu in 0..2 {
+            let (fx, frames, creating) = (&fx, &frames, &creating);
+            scope.spawn(move || {
+                common::pin_to_cpu(cpu);
+                // Each CPU runs every flow, in opposite orders, three times over.
+                for round in 0..3 {
+                    for n in 0..frames.len() {
+                        let i = if (cpu + round) % 2 == 0 {
+                            n
+                        } else {
+                            frames.len() - 1 - n
+                        };
+                        fx.run(&frames[i]);
+                    }
+                }
+                creating.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        let mut deleted = 0u64;
+        // Bounded: the creators finish in well under a second; this stops with them, or
+        // after 100000 deletions at the most.
+        while creating.load(Ordering::SeqCst) > 0 && deleted < 100_000 {
+            let Walk::Page { entries, .. } = deleter.sessions().walk(None, 64).expect("walking")
+            else {
+                continue;
+            };
+            for (key, session) in entries {
+                if deleter.delete_session(&key, &session).expect("deleting") {
+                    deleted += 1;
+                }
+            }
+        }
+        deleted
+    });
+    assert!(deleted > 0, "the deleter never ran alongside the creators");
+    let reasons = fx.counters().reasons;
+    let count = |r: Reason| reasons.get(r as usize).copied().unwrap_or(0);
+    let outcomes = [Reason::SessionNew, Reason::SessionOrig, Reason::TableFull];
+    eprintln!("deleted {deleted}; {:?}", outcomes.map(|r| (r, count(r))));
+    // Every packet created its flow, found it, or was refused for room: nothing else.
+    assert_eq!(
+        outcomes.iter().map(|&r| count(r)).sum::<u64>(),
+        2 * 3 * u64::from(FLOWS)
+    );
+    assert_eq!(deleter.filter().map(SessionFilter::underflows), Some(0));
+    fx.assert_session_filter_exact("after concurrent creation and deletion");
+
+    let state = fx.conntrack_snapshot();
+    for (key, session) in &state.sessions {
+        fx.conntrack()
+            .delete_session(key, session)
+            .expect("deleting");
+    }
+    fx.assert_session_filter_exact("all deleted");
+    assert_eq!(session_filter(&mut fx).slots_in_use(), 0);
 }
