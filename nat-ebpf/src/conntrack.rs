@@ -103,7 +103,9 @@ pub fn translate_existing(
             return Err(reason);
         }
         rewrite(ctx, pkt, l4, key, &to)?;
-        refresh(ctx, session, l4, Dir::Original);
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_boot_ns() };
+        refresh(ctx, session, l4, Dir::Original, now);
         frag::remember(
             pkt,
             &to,
@@ -132,7 +134,9 @@ pub fn translate_existing(
         return Err(reason);
     }
     rewrite(ctx, pkt, l4, key, &to)?;
-    refresh(ctx, session, l4, Dir::Reply);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    refresh(ctx, session, l4, Dir::Reply, now);
     frag::remember(
         pkt,
         &to,
@@ -189,11 +193,11 @@ fn atomic_add(counter: &mut u64, value: u64) {
     }
 }
 
-/// Updates a session for one packet: last seen, TCP state, its counters and its rules'.
+/// Updates a session for one packet: last seen (`now`), TCP state, its counters and its
+/// rules'.
 #[inline(always)]
-fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir) {
-    // SAFETY: helper without arguments.
-    session.last_seen_ns = unsafe { bpf_ktime_get_boot_ns() };
+fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir, now: u64) {
+    session.last_seen_ns = now;
     if l4.kind == L4Kind::Tcp {
         let state = TcpState::from_u8(session.tcp_state);
         let next = state.next(dir, l4.tcp_flags);
@@ -227,7 +231,8 @@ fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir) {
 
 /// Creates the session for the first packet of a flow and translates the packet. `to` is the
 /// packet after destination NAT (equal to `key` when there is none); `snat`, when given,
-/// translates its source too, to `allocation` (claimed by the new-flow stage).
+/// translates its source too, to `allocation` (claimed by the new-flow stage). `now` is the
+/// clock as read at hand-over: the session's creation and last-seen time.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn create(
@@ -239,6 +244,7 @@ pub fn create(
     dnat_rule: Option<u32>,
     snat: Option<SnatChoice>,
     allocation: Option<snat::Allocation>,
+    now: u64,
 ) -> Result<Reason, Reason> {
     let inside = Endpoint {
         addr: to.src,
@@ -259,8 +265,6 @@ pub fn create(
     } else {
         0
     };
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
     let mut flags = 0;
     if dnat_rule.is_some() {
         flags |= SESSION_DNAT;
@@ -345,7 +349,7 @@ pub fn create(
     let stored = unsafe { &mut *stored };
     let to = stored.translated;
     rewrite(ctx, pkt, l4, key, &to)?;
-    refresh(ctx, stored, l4, Dir::Original);
+    refresh(ctx, stored, l4, Dir::Original, now);
     frag::remember(
         pkt,
         &to,
