@@ -43,12 +43,10 @@ use nat_common::{
 use network_types::{icmp::Icmpv4Hdr, ip::Ipv4Hdr};
 
 use crate::{
+    conntrack::{self, Tracked},
     dnat::{self, Side},
     fib,
-    maps::{
-        rule_bank, rule_lookup, BINDINGS, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, REPLIES, SESSIONS,
-        SNAT_RULES,
-    },
+    maps::{rule_bank, rule_lookup, BINDINGS, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
     packet::ptr_at,
     parse::{l4_header, parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     rewrite::{addr_delta, port_delta},
@@ -233,17 +231,14 @@ fn find_translation(
 ) -> Result<Found, Reason> {
     let trackable = quote.back_l4.trackable(&quote.back);
     if trackable {
-        if let Some(session) = SESSIONS.get_ptr(lookup) {
-            // SAFETY: pointer from a successful lookup; only read (an error changes nothing).
-            return Ok(Found::To(unsafe { (*session).translated }));
-        }
-        if let Some(orig) = REPLIES.get_ptr(lookup) {
-            // SAFETY: as above.
-            let orig = unsafe { *orig };
-            // A reply entry without its session is a flow being deleted: not ours any more.
-            if SESSIONS.get_ptr(&orig).is_some() {
-                return Ok(Found::To(orig.reversed()));
+        match conntrack::find(lookup) {
+            // SAFETY: pointer from `find`, valid for this run; only read (an error changes
+            // nothing).
+            Some(Tracked::Original(session)) => {
+                return Ok(Found::To(unsafe { (*session).translated }))
             }
+            Some(Tracked::Reply(orig, _)) => return Ok(Found::To(orig.reversed())),
+            None => {}
         }
     }
     if let Some(set) = rule_lookup(&DNAT_FORWARD, FilterTable::DnatForward, bank, lookup.dst) {
