@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use nat_common::{
     bench::{GenConfig, XDP_BENCH_DROP_PROGRAM, XDP_BENCH_REDIRECT_PROGRAM},
     route_cache::RouteCacheResult,
@@ -130,6 +130,9 @@ pub enum Traffic {
     DnatOneArm,
     /// SNAT, established sessions, `flows` flows.
     Snat { flows: u32 },
+    /// The reply direction of one established SNAT flow: sent from the sink's side to the
+    /// flow's external endpoint, delivered to the inside host on the generator's side.
+    SnatReply,
     /// SNAT, a new 5-tuple in every packet.
     NewFlows,
 }
@@ -158,6 +161,7 @@ impl Workload {
             Workload::Udp(Traffic::Snat {
                 flows: plan.many_flows,
             }),
+            Workload::Udp(Traffic::SnatReply),
             Workload::Udp(Traffic::NewFlows),
             Workload::Iperf,
             Workload::Cps,
@@ -190,6 +194,7 @@ impl Workload {
             Workload::Udp(Traffic::Dnat { flows }) => format!("dnat-{}", flow_name(flows)),
             Workload::Udp(Traffic::DnatOneArm) => "dnat-one-arm".into(),
             Workload::Udp(Traffic::Snat { flows }) => format!("snat-{}", flow_name(flows)),
+            Workload::Udp(Traffic::SnatReply) => "snat-reply".into(),
             Workload::Udp(Traffic::NewFlows) => "new-flows".into(),
             Workload::Iperf => "tcp-iperf3".into(),
             Workload::Cps => "tcp-cps".into(),
@@ -207,6 +212,11 @@ impl Workload {
             }
             Workload::Udp(Traffic::Snat { flows }) => {
                 format!("SNAT, established sessions, {flows} UDP flow(s), 64-byte frames")
+            }
+            Workload::Udp(Traffic::SnatReply) => {
+                "SNAT reply direction (server to the external endpoint, delivered to the inside \
+                 host), 1 established UDP flow, 64-byte frames"
+                    .into()
             }
             Workload::Udp(Traffic::NewFlows) => {
                 "SNAT, a new UDP 5-tuple in every packet (a session and a port per packet)".into()
@@ -357,6 +367,8 @@ struct Bench<'t> {
     plan: TopoPlan,
     topo: &'t Topology,
     gen: Generator,
+    /// The generator of reply traffic, in the sink's namespace, sending out of s0.
+    reply_gen: Generator,
     /// Drop programs on g0 (one-arm sink) and in the sink namespace on s0.
     gen_drop: Object,
     sink_drop: Object,
@@ -370,6 +382,8 @@ struct Bench<'t> {
     nft_on: bool,
     g0_mac: [u8; 6],
     n0_mac: [u8; 6],
+    s0_mac: [u8; 6],
+    n1_mac: [u8; 6],
     /// Flow number the next new-flow run starts at (tuples are never reused in a run).
     next_flow: u64,
 }
@@ -380,6 +394,8 @@ impl<'t> Bench<'t> {
         let g0_index = Topology::ifindex(&topo.gen, &d.g0)?;
         eprintln!("bench: loading the generator, the sinks and the bare forwarder");
         let gen = Generator::new(topo.gen.name(), &d.gi0, g0_index)?;
+        let s0_index = Topology::ifindex(&topo.sink, &d.s0)?;
+        let reply_gen = Generator::new(topo.sink.name(), &d.si0, s0_index)?;
         let gen_drop = Object::load(topo.gen.name())?;
         let sink_drop = Object::load(topo.sink.name())?;
         let limit = Object::load(topo.nat.name())?;
@@ -414,6 +430,7 @@ impl<'t> Bench<'t> {
             plan: plan.clone(),
             topo,
             gen,
+            reply_gen,
             gen_drop,
             sink_drop,
             limit,
@@ -424,6 +441,8 @@ impl<'t> Bench<'t> {
             nft_on: false,
             g0_mac: Topology::mac(&topo.gen, &d.g0)?,
             n0_mac: Topology::mac(&topo.nat, &d.n0)?,
+            s0_mac: Topology::mac(&topo.sink, &d.s0)?,
+            n1_mac: Topology::mac(&topo.nat, &d.n1)?,
             next_flow: 0,
         };
         Ok(bench)
@@ -515,6 +534,9 @@ impl<'t> Bench<'t> {
             // Hosts first, then ports: 4096 hosts spread over the pool's 64 addresses, each
             // with fresh inside ports, so every packet needs a new mapping and port.
             Traffic::NewFlows => (addr::SNAT_HOSTS, 1024, addr::SINK, 0, NEW_FLOW_HOSTS),
+            // The generator's part in the reply workload: the one flow whose replies the reply
+            // generator sends (`reply_config`).
+            Traffic::SnatReply => (addr::SNAT_HOSTS, 1024, addr::SINK, 1, 1),
         };
         let key = udp_key(src.octets(), sport, dst.octets(), 53);
         let mut frame = [0u8; FRAME_LEN];
@@ -529,17 +551,94 @@ impl<'t> Bench<'t> {
         }
     }
 
+    /// The reply generator's config for `config`: frames from the sink's port 53 to where the
+    /// replies of the SNAT flow of [`Traffic::Snat`] with one flow go. The flow is started
+    /// first (a few frames from the generator), and its external endpoint read back from the
+    /// appliance that translated it (its `MAPPINGS`, or netfilter's conntrack table); without
+    /// translation the replies go to the inside host itself.
+    fn reply_config(&mut self, config: Config) -> Result<GenConfig> {
+        let inside = (addr::SNAT_HOSTS, 1024u16);
+        let start = self.gen_config(config, Traffic::SnatReply);
+        self.gen.configure(&start)?;
+        let (gen, gen_ns, other_cpu) = (&self.gen, self.topo.gen.name(), self.plan.other_cpu);
+        let stop = AtomicBool::new(false);
+        // Bounded: 64 frames, or one second.
+        in_netns(gen_ns, || {
+            bench_sys::pin_to_cpu(other_cpu)?;
+            gen.run(
+                &start.frame,
+                &stop,
+                Instant::now() + Duration::from_secs(1),
+                64,
+            )
+        })
+        .context("starting the SNAT flow whose replies are measured")?;
+        crate::bench_topo_xdp::settle();
+        let (to_addr, to_port) = match config {
+            Config::XdpForward | Config::XdpFib | Config::XdpPass => {
+                let endpoint = nat_common::conntrack::Endpoint {
+                    addr: inside.0.octets(),
+                    port: inside.1.to_be_bytes(),
+                    proto: nat_common::ipv4::proto::UDP,
+                    _pad: 0,
+                };
+                let app = match config {
+                    Config::XdpForward => &mut self.forward,
+                    Config::XdpFib => &mut self.fib,
+                    _ => &mut self.pass,
+                };
+                let external = app.external_of(&endpoint)?.ok_or_else(|| {
+                    anyhow!(
+                        "{}: no mapping for the SNAT flow after 64 frames",
+                        config.key()
+                    )
+                })?;
+                (
+                    Ipv4Addr::from(external.addr),
+                    u16::from_be_bytes(external.port),
+                )
+            }
+            Config::Netfilter => netfilter_reply_destination(self.topo, inside.0)?,
+            Config::ForwardOnly | Config::XdpLimit => inside,
+        };
+        let key = udp_key(addr::SINK.octets(), 53, to_addr.octets(), to_port);
+        let mut frame = [0u8; FRAME_LEN];
+        frame.copy_from_slice(&udp_frame(&key));
+        frame[0..6].copy_from_slice(&self.n1_mac);
+        frame[6..12].copy_from_slice(&self.s0_mac);
+        Ok(GenConfig {
+            frame,
+            flows: 1,
+            hosts: 1,
+            first: 0,
+        })
+    }
+
     /// One measurement of a packet workload in the configuration in force.
     fn measure_udp(&mut self, config: Config, traffic: Traffic) -> Result<Measured> {
         let one_arm = traffic == Traffic::DnatOneArm;
+        let reply = traffic == Traffic::SnatReply;
         let new_flows = traffic == Traffic::NewFlows;
-        let cfg = self.gen_config(config, traffic);
-        self.gen.configure(&cfg)?;
+        let cfg = if reply {
+            let cfg = self.reply_config(config)?;
+            self.reply_gen.configure(&cfg)?;
+            cfg
+        } else {
+            let cfg = self.gen_config(config, traffic);
+            self.gen.configure(&cfg)?;
+            cfg
+        };
         let topo = self.topo;
-        let (count_ns, count_dev) = if one_arm {
+        // Where the traffic is delivered, and where it comes from.
+        let (count_ns, count_dev) = if one_arm || reply {
             (&topo.gen, topo.dev.g0.as_str())
         } else {
             (&topo.sink, topo.dev.s0.as_str())
+        };
+        let (gen, gen_ns) = if reply {
+            (&self.reply_gen, topo.sink.name())
+        } else {
+            (&self.gen, topo.gen.name())
         };
         let meter = Meter::new(topo, count_ns, count_dev)?;
         let interval = if new_flows {
@@ -563,7 +662,7 @@ impl<'t> Bench<'t> {
             .appliance(config)
             .map(|a| a.route_cache_results())
             .transpose()?;
-        let sent_before = self.gen.sent()?;
+        let sent_before = gen.sent()?;
         let stop = AtomicBool::new(false);
         let budget = warmup + interval + Duration::from_secs(2);
         // Far above what the generator can send in the time: the time bounds the run, the count
@@ -571,8 +670,6 @@ impl<'t> Bench<'t> {
         let max_frames = (GEN_MAX_RATE * budget.as_secs_f64()) as u64;
         let frame = cfg.frame;
         let other_cpu = self.plan.other_cpu;
-        let gen = &self.gen;
-        let gen_ns = topo.gen.name();
         // Both threads are real-time on the generator's CPU, and the appliance's threads
         // saturate the other: an ordinary thread could wait up to the kernel's real-time
         // throttling period for a CPU. So the measuring thread (above the generator) takes
@@ -647,6 +744,7 @@ impl<'t> Bench<'t> {
             let delta = |r: Reason| after[r as usize] - before[r as usize];
             let translated = delta(Reason::DnatTranslated)
                 + delta(Reason::SessionOrig)
+                + delta(Reason::SessionReply)
                 + delta(Reason::SessionNew);
             let total: u64 = after.iter().sum::<u64>() - before.iter().sum::<u64>();
             if translated < total * 9 / 10 {
@@ -747,6 +845,36 @@ const NEW_FLOW_WARMUP: Duration = Duration::from_millis(10);
 const NEW_FLOW_HOSTS: u32 = 4096;
 /// Frames per second the generator is assumed never to exceed (for its frame cap).
 const GEN_MAX_RATE: f64 = 40e6;
+
+/// Where netfilter sends the replies of the UDP flow from `inside`:1024 to the sink: the
+/// reply tuple's destination in the appliance's conntrack table.
+fn netfilter_reply_destination(topo: &Topology, inside: Ipv4Addr) -> Result<(Ipv4Addr, u16)> {
+    let inside = inside.to_string();
+    let table = topo
+        .nat
+        .run("conntrack", ["-L", "-p", "udp", "--orig-src", &inside])
+        .context("reading netfilter's conntrack table")?;
+    // `udp 17 29 src=I dst=S sport=1024 dport=53 [UNREPLIED] src=S dst=E sport=53 dport=P ...`:
+    // the second dst= and dport= are the reply's.
+    for line in table.lines().filter(|l| l.contains("sport=1024")) {
+        let field = |name: &str| -> Vec<&str> {
+            line.split_whitespace()
+                .filter_map(|w| w.strip_prefix(name))
+                .collect()
+        };
+        let (dsts, dports) = (field("dst="), field("dport="));
+        if let (Some(dst), Some(dport)) = (dsts.get(1), dports.get(1)) {
+            let dst: Ipv4Addr = dst
+                .parse()
+                .with_context(|| format!("conntrack's reply address in {line:?}"))?;
+            let dport: u16 = dport
+                .parse()
+                .with_context(|| format!("conntrack's reply port in {line:?}"))?;
+            return Ok((dst, dport));
+        }
+    }
+    bail!("netfilter has no conntrack entry for {inside}:1024 (conntrack -L said {table:?})")
+}
 
 /// Empties the appliance namespace's conntrack table (`conntrack -F`).
 fn flush_conntrack(topo: &Topology) -> Result<()> {

@@ -8,6 +8,8 @@
 //!     198.18.0.3/24 (one-arm backend)    n1 198.18.1.1/24 ----------- s0 198.18.1.2/24
 //!     198.18.0.4/24 (iperf3, SNATed)
 //!  gi0 -- gi1 (idle: the generator program stays attached here)
+//!                                                                     si0 -- si1 (idle: the
+//!                                                                     reply generator's)
 //! ```
 //! Why it is built this way (BENCHMARKING.md):
 //! - **Threaded NAPI.** Every veth runs its receive work in a NAPI kthread: the appliance's
@@ -76,7 +78,8 @@ pub struct Topology {
     pub nat: Netns,
     /// The sink (and TCP servers).
     pub sink: Netns,
-    /// Interface names: g0, gi0 (idle, generator program), gi1, n0, n1, s0.
+    /// Interface names: g0, gi0 (idle, generator program), gi1, n0, n1, s0, si0 (idle, the
+    /// reply generator's program), si1.
     pub dev: Devices,
     /// CPU of the appliance's NAPI threads.
     pub nat_cpu: usize,
@@ -93,6 +96,8 @@ pub struct Devices {
     pub n0: String,
     pub n1: String,
     pub s0: String,
+    pub si0: String,
+    pub si1: String,
 }
 
 impl Devices {
@@ -107,6 +112,8 @@ impl Devices {
             n0: d("n0"),
             n1: d("n1"),
             s0: d("s0"),
+            si0: d("j0"),
+            si1: d("j1"),
         }
     }
 }
@@ -144,6 +151,7 @@ impl Topology {
         veth(&self.gen, &d.g0, &self.nat, &d.n0)?;
         veth(&self.sink, &d.s0, &self.nat, &d.n1)?;
         veth(&self.gen, &d.gi0, &self.gen, &d.gi1)?;
+        veth(&self.sink, &d.si0, &self.sink, &d.si1)?;
         let ip = |ns: &Netns, args: &str| -> Result<()> {
             ns.run("ip", args.split(' '))
                 .with_context(|| format!("ip {args} in {}", ns.name()))?;
@@ -180,6 +188,8 @@ impl Topology {
             (&self.nat, &d.n0),
             (&self.nat, &d.n1),
             (&self.sink, &d.s0),
+            (&self.sink, &d.si0),
+            (&self.sink, &d.si1),
         ] {
             ip(ns, &format!("link set {dev} up"))?;
             // GRO: NAPI on every veth, with or without an XDP program (see the module docs).
@@ -231,6 +241,8 @@ impl Topology {
             (&self.nat, &d.n0),
             (&self.nat, &d.n1),
             (&self.sink, &d.s0),
+            (&self.sink, &d.si0),
+            (&self.sink, &d.si1),
         ] {
             ns.run(
                 "sh",
@@ -255,6 +267,8 @@ impl Topology {
             (&d.gi0, self.other_cpu, SINK_PRIORITY),
             (&d.gi1, self.other_cpu, SINK_PRIORITY),
             (&d.s0, self.other_cpu, SINK_PRIORITY),
+            (&d.si0, self.other_cpu, SINK_PRIORITY),
+            (&d.si1, self.other_cpu, SINK_PRIORITY),
         ] {
             let pids = napi_threads(dev)?;
             if pids.is_empty() {

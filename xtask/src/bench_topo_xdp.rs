@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use nat_agent::{
-    dataplane::{Dataplane, LoadOptions, EBPF_OBJECT},
+    dataplane::{Dataplane, LoadOptions, SessionStore, EBPF_OBJECT},
     load_config_text,
     model::Interface,
     route_watch::RouteWatch,
@@ -256,6 +256,15 @@ impl Appliance {
     /// Forwarding results so far (index: `ForwardResult as usize`).
     pub fn forward_results(&self) -> Result<Vec<u64>> {
         Ok(self.dp.snapshot(std::iter::empty())?.forward)
+    }
+
+    /// The external endpoint the appliance maps `inside` to, if it holds a mapping for it.
+    pub fn external_of(&mut self, inside: &Endpoint) -> Result<Option<Endpoint>> {
+        let store = self
+            .dp
+            .sessions()
+            .ok_or_else(|| anyhow!("the appliance's object has no connection tracking"))?;
+        Ok(store.mappings().get(inside)?.map(|m| m.external))
     }
 
     /// Route-cache outcomes so far (index: `RouteCacheResult as usize`).
