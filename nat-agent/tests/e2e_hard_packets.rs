@@ -11,7 +11,10 @@
 //!
 //! Every traffic loop is bounded in count and time; the namespaces go with the lab.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use anyhow::{ensure, Context, Result};
 use nat_lab::{
@@ -290,7 +293,15 @@ fn upload_one_megabyte(
     let _server = spawn_python_server(server_ns.name(), server, &[8000], "upload-sink")?;
     nat_lab::wait_tcp_ports(server_ns.name(), &[8000], Duration::from_secs(5))?;
     // 1 MB of i % 256, written by the inside host, posted with DF (Linux sets it on TCP).
-    let body = std::env::temp_dir().join(format!("xdp-nat-pmtu-body-{}", std::process::id()));
+    // One file per upload: the tests of this file run in parallel in one process, and each
+    // removes its file when done (a name per process let one test post another's removed or
+    // half-written file: "0 intact").
+    static UPLOADS: AtomicUsize = AtomicUsize::new(0);
+    let body = std::env::temp_dir().join(format!(
+        "xdp-nat-pmtu-body-{}-{}",
+        std::process::id(),
+        UPLOADS.fetch_add(1, Ordering::SeqCst)
+    ));
     let body = body.to_str().context("temp dir path")?.to_owned();
     run_bounded(
         client,
