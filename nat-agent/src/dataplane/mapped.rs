@@ -11,11 +11,13 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::maps::MapData;
+use aya::maps::{Map, MapData};
 
-/// The array's memory, mapped shared; unmapped on drop.
+/// The array's memory, mapped shared; unmapped on drop. Owns the map, so the mapping never
+/// outlives what it maps.
 pub struct MappedArray {
     ptr: *mut AtomicU64,
+    _map: MapData,
     /// Bytes mapped (whole pages).
     len: usize,
     /// Entries of the array.
@@ -33,7 +35,11 @@ unsafe impl Sync for MappedArray {}
 impl MappedArray {
     /// Maps `map` (named `name` in errors), an array created with `BPF_F_MMAPABLE` whose values
     /// are `value_size` bytes, a multiple of 8.
-    pub fn new(map: &MapData, name: &str, value_size: usize) -> Result<Self> {
+    pub fn new(map: Map, name: &str, value_size: usize) -> Result<Self> {
+        let map = match map {
+            Map::Array(m) => m,
+            other => bail!("{name} is not an array map: {other:?}"),
+        };
         let info = map.info().with_context(|| format!("{name}: info"))?;
         if info.value_size() as usize != value_size || !value_size.is_multiple_of(8) {
             bail!(
@@ -62,6 +68,7 @@ impl MappedArray {
         }
         Ok(MappedArray {
             ptr: ptr.cast(),
+            _map: map,
             len,
             slots,
             words_per_slot: value_size / 8,

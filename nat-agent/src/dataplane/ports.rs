@@ -38,7 +38,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
 use nat_common::{
     conntrack::{Endpoint, Pool, SnatRuleSet, MAX_SNAT_RULES_PER_SET, SNAT_MASQUERADE},
@@ -126,7 +126,6 @@ pub struct Repair {
 pub struct PortIndex {
     spaces: BpfHashMap<MapData, PortSpace, u32>,
     mapped: MappedArray,
-    _bitmaps: MapData,
     /// Space -> slot, as written into `PORT_SPACES`.
     slots: BTreeMap<PortSpace, u32>,
     /// Slots never used or free again.
@@ -140,16 +139,11 @@ impl PortIndex {
     pub fn new(spaces: Map, bitmaps: Map) -> Result<Self> {
         let spaces = BpfHashMap::try_from(spaces)
             .context("PORT_SPACES is not a hash map of the expected layout")?;
-        let bitmaps = match bitmaps {
-            Map::Array(m) => m,
-            other => bail!("PORT_BITMAPS is not an array map: {other:?}"),
-        };
-        let mapped = MappedArray::new(&bitmaps, PORT_BITMAPS, std::mem::size_of::<PortBitmap>())?;
+        let mapped = MappedArray::new(bitmaps, PORT_BITMAPS, std::mem::size_of::<PortBitmap>())?;
         let free = (0..mapped.slots()).rev().collect();
         Ok(PortIndex {
             spaces,
             mapped,
-            _bitmaps: bitmaps,
             slots: BTreeMap::new(),
             free,
             retired: Vec::new(),

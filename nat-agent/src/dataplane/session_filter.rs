@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, Result};
-use aya::maps::{Map, MapData};
+use aya::maps::Map;
 use nat_common::{
     conntrack::FlowKey,
     maps::SESSION_FILTER,
@@ -24,7 +24,6 @@ use super::mapped::MappedArray;
 /// `SESSION_FILTER`, mapped.
 pub struct SessionFilter {
     mapped: MappedArray,
-    _map: MapData,
     /// Deletes that found their slot at zero already (see [`SessionFilter::uncount`]).
     underflows: AtomicU64,
 }
@@ -32,11 +31,7 @@ pub struct SessionFilter {
 impl SessionFilter {
     /// Wraps the map taken from the loaded object.
     pub fn new(map: Map) -> Result<Self> {
-        let map = match map {
-            Map::Array(m) => m,
-            other => bail!("{SESSION_FILTER} is not an array map: {other:?}"),
-        };
-        let mapped = MappedArray::new(&map, SESSION_FILTER, 8)?;
+        let mapped = MappedArray::new(map, SESSION_FILTER, 8)?;
         if mapped.slots() != SESSION_FILTER_SLOTS {
             bail!(
                 "{SESSION_FILTER} has {} slots, the agent expects {SESSION_FILTER_SLOTS}",
@@ -45,7 +40,6 @@ impl SessionFilter {
         }
         Ok(SessionFilter {
             mapped,
-            _map: map,
             underflows: AtomicU64::new(0),
         })
     }
