@@ -80,12 +80,7 @@ pub fn is_expired(key: &FlowKey, session: &Session, now_ns: u64, t: &Timeouts) -
 /// The inside endpoint an SNAT session uses (the `MAPPINGS` key): the original direction's
 /// source address and port (echo id for ICMP). `None` for sessions without source NAT.
 pub fn inside_endpoint(key: &FlowKey, session: &Session) -> Option<Endpoint> {
-    (session.flags & SESSION_SNAT != 0).then_some(Endpoint {
-        addr: key.src,
-        port: key.sport,
-        proto: key.proto,
-        _pad: 0,
-    })
+    (session.flags & SESSION_SNAT != 0).then_some(key.source())
 }
 
 /// Counts by protocol (the `protocol` label of the expiry metric).

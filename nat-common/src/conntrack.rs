@@ -64,6 +64,28 @@ impl FlowKey {
     pub const fn reversed(&self) -> FlowKey {
         FlowKey::new(self.dst, self.src, self.dport, self.sport, self.proto)
     }
+
+    /// The sender's endpoint: source address and port (echo id), with the protocol.
+    #[inline(always)]
+    pub const fn source(&self) -> Endpoint {
+        Endpoint {
+            addr: self.src,
+            port: self.sport,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+
+    /// The endpoint addressed: destination address and port (echo id), with the protocol.
+    #[inline(always)]
+    pub const fn destination(&self) -> Endpoint {
+        Endpoint {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
 }
 
 /// An address and port (or echo id) of one protocol: key and value of `MAPPINGS` and

@@ -265,12 +265,7 @@ pub fn create(
     allocation: Option<snat::Allocation>,
     now: u64,
 ) -> Result<Reason, Reason> {
-    let inside = Endpoint {
-        addr: to.src,
-        port: to.sport,
-        proto: to.proto,
-        _pad: 0,
-    };
+    let inside = to.source();
     let tcp_state = if l4.kind == L4Kind::Tcp {
         match TcpState::initial(l4.tcp_flags) {
             Some(state) => state as u8,

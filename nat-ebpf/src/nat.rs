@@ -18,7 +18,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use nat_common::{
-    conntrack::{Endpoint, FlowKey},
+    conntrack::FlowKey,
     ipv4::{icmp_is_error, proto},
     maps::RULES_SLOT,
     prefilter::FilterTable,
@@ -210,21 +210,9 @@ fn hairpin_target(key: &FlowKey) -> Option<FlowKey> {
     if key.proto != proto::TCP && key.proto != proto::UDP {
         return None;
     }
-    let external = Endpoint {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        _pad: 0,
-    };
     // SAFETY: pointer from a successful lookup; copied out at once.
-    let inside = unsafe { *BINDINGS.get_ptr(&external)? };
-    let sender = Endpoint {
-        addr: key.src,
-        port: key.sport,
-        proto: key.proto,
-        _pad: 0,
-    };
-    if same_endpoint(&inside, &sender) {
+    let inside = unsafe { *BINDINGS.get_ptr(&key.destination())? };
+    if same_endpoint(&inside, &key.source()) {
         return None;
     }
     let mut to = *key;

@@ -135,12 +135,7 @@ fn snat_choice(flow: &NewFlow) -> Option<SnatChoice> {
 /// The inside endpoint of a flow: the source after destination NAT.
 #[inline(always)]
 fn inside_of(to: &FlowKey) -> Endpoint {
-    Endpoint {
-        addr: to.src,
-        port: to.sport,
-        proto: to.proto,
-        _pad: 0,
-    }
+    to.source()
 }
 
 /// Body of `xdp_nat_new_flow`.

@@ -686,12 +686,7 @@ impl FilledBed {
                 .get(key)?
                 .ok_or_else(|| anyhow!("{what}: new flow {} has no session", show(key)))?;
             store.delete_session(key, &session)?;
-            let inside = nat_common::conntrack::Endpoint {
-                addr: key.src,
-                port: key.sport,
-                proto: key.proto,
-                _pad: 0,
-            };
+            let inside = key.source();
             let mapping = store
                 .mappings()
                 .get(&inside)?
