@@ -26,13 +26,14 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use nat_common::{
     bench::{GenConfig, XDP_BENCH_DROP_PROGRAM, XDP_BENCH_REDIRECT_PROGRAM},
+    conntrack::{Endpoint, FlowKey},
     route_cache::RouteCacheResult,
     stats::{ForwardResult, Reason},
 };
 use nat_lab::in_netns;
 
 use crate::{
-    bench_packet::{udp_frame, udp_key, FRAME_LEN},
+    bench_packet::{frame_key, udp_frame, udp_key, FRAME_LEN},
     bench_sys,
     bench_topo_net::{addr, Interval, Meter, Topology, GEN_PRIORITY, METER_PRIORITY},
     bench_topo_report::{Cell, Plot, TopoReport},
@@ -539,12 +540,8 @@ impl<'t> Bench<'t> {
             Traffic::SnatReply => (addr::SNAT_HOSTS, 1024, addr::SINK, 1, 1),
         };
         let key = udp_key(src.octets(), sport, dst.octets(), 53);
-        let mut frame = [0u8; FRAME_LEN];
-        frame.copy_from_slice(&udp_frame(&key));
-        frame[0..6].copy_from_slice(&self.n0_mac);
-        frame[6..12].copy_from_slice(&self.g0_mac);
         GenConfig {
-            frame,
+            frame: ethernet_frame(&key, self.n0_mac, self.g0_mac),
             flows,
             hosts,
             first: self.next_flow,
@@ -557,8 +554,8 @@ impl<'t> Bench<'t> {
     /// appliance that translated it (its `MAPPINGS`, or netfilter's conntrack table); without
     /// translation the replies go to the inside host itself.
     fn reply_config(&mut self, config: Config) -> Result<GenConfig> {
-        let inside = (addr::SNAT_HOSTS, 1024u16);
         let start = self.gen_config(config, Traffic::SnatReply);
+        let inside = frame_key(&start.frame)?.source();
         self.gen.configure(&start)?;
         let (gen, gen_ns, other_cpu) = (&self.gen, self.topo.gen.name(), self.plan.other_cpu);
         let stop = AtomicBool::new(false);
@@ -574,40 +571,26 @@ impl<'t> Bench<'t> {
         })
         .context("starting the SNAT flow whose replies are measured")?;
         crate::bench_topo_xdp::settle();
-        let (to_addr, to_port) = match config {
-            Config::XdpForward | Config::XdpFib | Config::XdpPass => {
-                let endpoint = nat_common::conntrack::Endpoint {
-                    addr: inside.0.octets(),
-                    port: inside.1.to_be_bytes(),
-                    proto: nat_common::ipv4::proto::UDP,
-                    _pad: 0,
-                };
-                let app = match config {
-                    Config::XdpForward => &mut self.forward,
-                    Config::XdpFib => &mut self.fib,
-                    _ => &mut self.pass,
-                };
-                let external = app.external_of(&endpoint)?.ok_or_else(|| {
-                    anyhow!(
-                        "{}: no mapping for the SNAT flow after 64 frames",
-                        config.key()
-                    )
-                })?;
-                (
-                    Ipv4Addr::from(external.addr),
-                    u16::from_be_bytes(external.port),
+        let to = if let Some(app) = self.appliance_mut(config) {
+            app.external_of(&inside)?.ok_or_else(|| {
+                anyhow!(
+                    "{}: no mapping for the SNAT flow after 64 frames",
+                    config.key()
                 )
-            }
-            Config::Netfilter => netfilter_reply_destination(self.topo, inside.0)?,
-            Config::ForwardOnly | Config::XdpLimit => inside,
+            })?
+        } else if config == Config::Netfilter {
+            netfilter_reply_destination(self.topo, &inside)?
+        } else {
+            inside
         };
-        let key = udp_key(addr::SINK.octets(), 53, to_addr.octets(), to_port);
-        let mut frame = [0u8; FRAME_LEN];
-        frame.copy_from_slice(&udp_frame(&key));
-        frame[0..6].copy_from_slice(&self.n1_mac);
-        frame[6..12].copy_from_slice(&self.s0_mac);
+        let key = udp_key(
+            addr::SINK.octets(),
+            53,
+            to.addr,
+            u16::from_be_bytes(to.port),
+        );
         Ok(GenConfig {
-            frame,
+            frame: ethernet_frame(&key, self.n1_mac, self.s0_mac),
             flows: 1,
             hosts: 1,
             first: 0,
@@ -812,20 +795,21 @@ impl<'t> Bench<'t> {
         }
     }
 
+    fn appliance_mut(&mut self, config: Config) -> Option<&mut Appliance> {
+        match config {
+            Config::XdpForward => Some(&mut self.forward),
+            Config::XdpFib => Some(&mut self.fib),
+            Config::XdpPass => Some(&mut self.pass),
+            _ => None,
+        }
+    }
+
     /// Empties the connection tables after a new-flow run, so every run starts alike.
     fn reset_flows(&mut self, config: Config) -> Result<()> {
-        match config {
-            Config::XdpForward => {
-                self.forward.clear_sessions()?;
-            }
-            Config::XdpFib => {
-                self.fib.clear_sessions()?;
-            }
-            Config::XdpPass => {
-                self.pass.clear_sessions()?;
-            }
-            Config::Netfilter => flush_conntrack(self.topo)?,
-            Config::ForwardOnly | Config::XdpLimit => {}
+        if let Some(app) = self.appliance_mut(config) {
+            app.clear_sessions()?;
+        } else if config == Config::Netfilter {
+            flush_conntrack(self.topo)?;
         }
         Ok(())
     }
@@ -846,17 +830,30 @@ const NEW_FLOW_HOSTS: u32 = 4096;
 /// Frames per second the generator is assumed never to exceed (for its frame cap).
 const GEN_MAX_RATE: f64 = 40e6;
 
-/// Where netfilter sends the replies of the UDP flow from `inside`:1024 to the sink: the
-/// reply tuple's destination in the appliance's conntrack table.
-fn netfilter_reply_destination(topo: &Topology, inside: Ipv4Addr) -> Result<(Ipv4Addr, u16)> {
-    let inside = inside.to_string();
+/// The [`FRAME_LEN`]-byte frame carrying `key` from `src_mac` to `dst_mac`.
+fn ethernet_frame(key: &FlowKey, dst_mac: [u8; 6], src_mac: [u8; 6]) -> [u8; FRAME_LEN] {
+    let mut frame = [0u8; FRAME_LEN];
+    frame.copy_from_slice(&udp_frame(key));
+    frame[0..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&src_mac);
+    frame
+}
+
+/// Where netfilter sends the replies of the UDP flow from `inside` to the sink: the reply
+/// tuple's destination in the appliance's conntrack table.
+fn netfilter_reply_destination(topo: &Topology, inside: &Endpoint) -> Result<Endpoint> {
+    let (addr, port) = (Ipv4Addr::from(inside.addr), u16::from_be_bytes(inside.port));
     let table = topo
         .nat
-        .run("conntrack", ["-L", "-p", "udp", "--orig-src", &inside])
+        .run(
+            "conntrack",
+            ["-L", "-p", "udp", "--orig-src", &addr.to_string()],
+        )
         .context("reading netfilter's conntrack table")?;
     // `udp 17 29 src=I dst=S sport=1024 dport=53 [UNREPLIED] src=S dst=E sport=53 dport=P ...`:
     // the second dst= and dport= are the reply's.
-    for line in table.lines().filter(|l| l.contains("sport=1024")) {
+    let sport = format!("sport={port} ");
+    for line in table.lines().filter(|l| l.contains(&sport)) {
         let field = |name: &str| -> Vec<&str> {
             line.split_whitespace()
                 .filter_map(|w| w.strip_prefix(name))
@@ -870,10 +867,15 @@ fn netfilter_reply_destination(topo: &Topology, inside: Ipv4Addr) -> Result<(Ipv
             let dport: u16 = dport
                 .parse()
                 .with_context(|| format!("conntrack's reply port in {line:?}"))?;
-            return Ok((dst, dport));
+            return Ok(Endpoint {
+                addr: dst.octets(),
+                port: dport.to_be_bytes(),
+                proto: inside.proto,
+                _pad: 0,
+            });
         }
     }
-    bail!("netfilter has no conntrack entry for {inside}:1024 (conntrack -L said {table:?})")
+    bail!("netfilter has no conntrack entry for {addr}:{port} (conntrack -L said {table:?})")
 }
 
 /// Empties the appliance namespace's conntrack table (`conntrack -F`).
