@@ -55,20 +55,7 @@ to_port = 5353
 "#;
 
 /// SNAT for the inside subnet onto one address.
-const SNAT_ONLY: &str = r#"
-[[interfaces]]
-name = "nat0"
-
-[conntrack]
-max_sessions = 1024
-
-[[snat]]
-id = 1
-name = "out"
-source = "198.18.0.0/24"
-to_address = "203.0.113.1"
-port_range = "1024-65535"
-"#;
+const SNAT_ONLY: &str = common::xdp::SNAT_ONE_ADDRESS;
 
 fn key_of(src: &str, sport: u16, dst: &str, dport: u16) -> FlowKey {
     FlowKey::new(

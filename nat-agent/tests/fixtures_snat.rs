@@ -64,20 +64,7 @@ const PORT_MIN: u16 = 1024;
 const PORT_MAX: u16 = 65535;
 
 /// One subnet leaving as one address, default port range.
-const POOL: &str = r#"
-[[interfaces]]
-name = "nat0"
-
-[conntrack]
-max_sessions = 1024
-
-[[snat]]
-id = 1
-name = "out"
-source = "198.18.0.0/24"
-to_address = "203.0.113.1"
-port_range = "1024-65535"
-"#;
+const POOL: &str = common::xdp::SNAT_ONE_ADDRESS;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: tuples of packets, expected frames, tables

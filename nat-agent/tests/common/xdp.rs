@@ -43,6 +43,23 @@ pub enum Dir {
     Reply,
 }
 
+/// The SNAT fixtures' usual config: inside hosts 198.18.0.0/24 leaving as 203.0.113.1 (rule
+/// "out"), default port range, a 1024-session table.
+pub const SNAT_ONE_ADDRESS: &str = r#"
+[[interfaces]]
+name = "nat0"
+
+[conntrack]
+max_sessions = 1024
+
+[[snat]]
+id = 1
+name = "out"
+source = "198.18.0.0/24"
+to_address = "203.0.113.1"
+port_range = "1024-65535"
+"#;
+
 /// What one run must produce.
 #[derive(Debug, Clone)]
 pub struct Expect {
