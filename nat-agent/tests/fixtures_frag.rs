@@ -30,19 +30,7 @@ const H1: &str = "198.18.0.2";
 const SRV: &str = "198.51.100.53";
 const EXT: &str = "203.0.113.1";
 
-const POOL: &str = r#"
-[[interfaces]]
-name = "nat0"
-
-[conntrack]
-max_sessions = 1024
-
-[[snat]]
-id = 1
-name = "out"
-source = "198.18.0.0/24"
-to_address = "203.0.113.1"
-"#;
+const POOL: &str = common::xdp::SNAT_ONE_ADDRESS;
 
 /// Where the fragments are cut (IP payload offsets): three fragments.
 const CUTS: [usize; 2] = [40, 80];

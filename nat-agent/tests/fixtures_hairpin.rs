@@ -31,19 +31,7 @@ const EXT: &str = "203.0.113.1";
 
 /// One subnet behind one external address, no egress interface (a hairpinned packet goes
 /// back inside, so an `out_interface` naming the public side would not cover it).
-const POOL: &str = r#"
-[[interfaces]]
-name = "nat0"
-
-[conntrack]
-max_sessions = 1024
-
-[[snat]]
-id = 1
-name = "out"
-source = "198.18.0.0/24"
-to_address = "203.0.113.1"
-"#;
+const POOL: &str = common::xdp::SNAT_ONE_ADDRESS;
 
 fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Packet {
     Packet::tcp(src, sport, dst, dport)
