@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use common::{
     packet::{verify_checksums, Packet},
     pin_to_cpu,
-    xdp::Fixture,
+    xdp::{Expect, Fixture},
 };
 use nat_agent::{dataplane::interface_index, route_watch::RouteWatch};
 use nat_common::{
     maps::{FORWARD_XDP, IFACE_KNOWN, ROUTE_CACHE_GEN},
     route_cache::{self, RouteCacheResult, ENTRY_USES, GENERATION_OFF},
-    stats::ForwardResult,
+    stats::{ForwardResult, Reason},
 };
 use nat_lab::Netns;
 
@@ -392,6 +392,48 @@ fn the_agent_turns_the_cache_on_only_where_it_can_listen_and_is_wanted() {
             );
             assert_eq!(generation(&mut fx), GENERATION_OFF, "{what}: off");
         }
+        Ok(())
+    })
+    .expect("running in the namespace");
+}
+
+/// Where XDP forwards it is the router: a packet whose TTL would run out here (TTL 1) goes to
+/// the kernel untranslated, so the kernel answers its real sender with "time exceeded" quoting
+/// what it sent; TTL 2 is translated and leaves from XDP with TTL 1 and a header checksum
+/// recomputed (checked from scratch, with the whole frame).
+#[test]
+fn ttl_1_goes_to_the_kernel_untranslated_and_ttl_2_leaves_from_xdp_with_ttl_1() {
+    pin_to_cpu(0);
+    let ns = lab();
+    ns.enter(|| {
+        let n0 = interface_index("n0").expect("n0's index");
+        let mut fx = Fixture::load(&config(&["198.18.1.20".to_string()]));
+        fx.set_ingress_ifindex(Some(n0));
+        fx.set_interface_flags(n0, IFACE_KNOWN | FORWARD_XDP);
+        let with_ttl = |dst: &str, ttl: u8| {
+            let mut p = Packet::udp(CLIENT, 4000, dst, 53);
+            p.ttl = ttl;
+            p
+        };
+
+        let expiring = with_ttl("198.18.100.1", 1).build();
+        fx.check(
+            "TTL 1",
+            &expiring,
+            &Expect::pass_unchanged(Reason::TtlExpiring, &expiring),
+        );
+
+        let last_hop = with_ttl("198.18.100.1", 2).build();
+        assert_eq!(send(&fx, &last_hop), uncached(0x01));
+        let mut expected = with_ttl("198.18.1.20", 1).build();
+        expected[..5].copy_from_slice(&NEXT_HOP_MAC_PREFIX);
+        expected[5] = 0x01;
+        expected[6..12].copy_from_slice(&N0_MAC);
+        assert_eq!(
+            fx.run(&last_hop).frame,
+            expected,
+            "TTL 2: the frame sent from XDP"
+        );
         Ok(())
     })
     .expect("running in the namespace");
