@@ -71,6 +71,19 @@ impl Delta {
         )
     }
 
+    /// Both changes together.
+    #[inline(always)]
+    pub const fn add(self, other: Delta) -> Delta {
+        Delta(self.0 + other.0)
+    }
+
+    /// The change folded into 16 bits (not complemented): what is added to a one's complement
+    /// sum, as the kernel's skb checksum helpers take it (there in the byte order of memory).
+    #[inline(always)]
+    pub const fn folded(self) -> u16 {
+        fold(self.0)
+    }
+
     /// `check` adjusted for every change added: `~(~HC + Σ(~m + m'))`.
     #[inline(always)]
     pub const fn apply(self, check: u16) -> u16 {

@@ -112,6 +112,26 @@ pub const XDP_TOO_BIG_PROGRAM: &str = "xdp_nat_too_big";
 /// Slot of the too-big program in [`PROGRAMS`].
 pub const TOO_BIG_SLOT: u32 = 4;
 
+/// The TC (`cls_bpf`, attached at ingress through TCX) twin of [`XDP_PROGRAM`], for interfaces
+/// whose hook is `tc`: the same translation on socket buffers, so that GSO/GRO super-packets
+/// (64 KB of TCP at a time on veth and virtio-net) are translated once each instead of per
+/// 1500-byte frame. Attaching XDP to a veth takes segmentation offload away from its peer;
+/// attaching this does not.
+pub const TC_PROGRAM: &str = "tc_nat";
+/// TC twin of [`XDP_RULES_PROGRAM`], in [`TC_PROGRAMS`] at [`RULES_SLOT`].
+pub const TC_RULES_PROGRAM: &str = "tc_nat_rules";
+/// TC twin of [`XDP_NEW_FLOW_PROGRAM`], in [`TC_PROGRAMS`] at [`NEW_FLOW_SLOT`].
+pub const TC_NEW_FLOW_PROGRAM: &str = "tc_nat_new_flow";
+/// TC twin of [`XDP_ICMP_ERROR_PROGRAM`], in [`TC_PROGRAMS`] at [`ICMP_ERROR_SLOT`].
+pub const TC_ICMP_ERROR_PROGRAM: &str = "tc_nat_icmp_error";
+/// TC twin of [`XDP_CLAIM_PROGRAM`], in [`TC_PROGRAMS`] at [`CLAIM_SLOT`].
+pub const TC_CLAIM_PROGRAM: &str = "tc_nat_claim";
+/// TC twin of [`XDP_TOO_BIG_PROGRAM`], in [`TC_PROGRAMS`] at [`TOO_BIG_SLOT`].
+pub const TC_TOO_BIG_PROGRAM: &str = "tc_nat_too_big";
+/// Program array of the TC programs, with the slots of [`PROGRAMS`]. A tail call only reaches
+/// programs of its own type, so the TC chain has its own table.
+pub const TC_PROGRAMS: &str = "TC_PROGRAMS";
+
 /// Hash, key: original-direction [`crate::conntrack::FlowKey`], value:
 /// [`crate::conntrack::Session`]. Capacity set by the agent (`max_sessions`).
 pub const SESSIONS: &str = "SESSIONS";

@@ -31,7 +31,7 @@ pub fn generate(ctx: &XdpContext) -> u32 {
     let (Some(cfg), Some(seq)) = (BENCH_GEN.get(0), BENCH_GEN_SEQ.get_ptr_mut(0)) else {
         return xdp_action::XDP_ABORTED;
     };
-    let Ok(frame) = ptr_at::<[u8; GEN_FRAME_LEN]>(ctx, 0) else {
+    let Ok(frame) = ptr_at::<[u8; GEN_FRAME_LEN], _>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: per-CPU slot from a successful lookup; the frame is bounds-checked by ptr_at.

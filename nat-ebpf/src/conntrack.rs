@@ -1,9 +1,10 @@
 //! Sessions: translating packets of known flows in either direction, and creating a session
 //! (with its reply entry) for the first packet of a new one.
 
+use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
 use nat_common::{
     conntrack::{Dir, Endpoint, FlowKey, Session, TcpState, NO_RULE, SESSION_DNAT, SESSION_SNAT},
     session_filter::{self, Counted},
@@ -113,8 +114,8 @@ pub fn find(key: &FlowKey) -> Option<Tracked> {
 
 /// Translates a packet of a known flow. `Ok(None)`: the packet belongs to no session.
 #[inline(always)]
-pub fn translate_existing(
-    ctx: &XdpContext,
+pub fn translate_existing<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     l4: &L4,
     key: &FlowKey,
@@ -142,8 +143,8 @@ pub fn translate_existing(
 
 /// Translates a packet of `session` to `to`, travelling `dir`, and refreshes the session.
 #[inline(always)]
-fn translate_tracked(
-    ctx: &XdpContext,
+fn translate_tracked<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     l4: &L4,
     key: &FlowKey,
@@ -177,8 +178,10 @@ fn translate_tracked(
 /// - The destination is translated (DNAT; a reply to an inside host): untranslated it would not
 ///   route like this, so the program answers the sender itself (`toobig`).
 #[inline(always)]
-pub fn too_big(ctx: &XdpContext, pkt: &Ipv4Packet, key: &FlowKey, to: &FlowKey) -> Option<Reason> {
-    if !pkt.info.dont_fragment {
+pub fn too_big<C: Frame>(ctx: &C, pkt: &Ipv4Packet, key: &FlowKey, to: &FlowKey) -> Option<Reason> {
+    // A GSO super-packet is as long as its segments together: the forwarding stage has each
+    // segment checked against the route's MTU by the kernel instead.
+    if !pkt.info.dont_fragment || ctx.is_gso() {
         return None;
     }
     let floor = match PATH_MTU_FLOOR.get(0) {
@@ -215,7 +218,7 @@ fn atomic_add(counter: &mut u64, value: u64) {
 /// Updates a session for one packet: last seen (`now`), TCP state, its counters and its
 /// rules'.
 #[inline(always)]
-fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir, now: u64) {
+fn refresh<C: Frame>(ctx: &C, session: &mut Session, l4: &L4, dir: Dir, now: u64) {
     session.last_seen_ns = now;
     if l4.kind == L4Kind::Tcp {
         let state = TcpState::from_u8(session.tcp_state);
@@ -254,8 +257,8 @@ fn refresh(ctx: &XdpContext, session: &mut Session, l4: &L4, dir: Dir, now: u64)
 /// clock as read at hand-over: the session's creation and last-seen time.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-pub fn create(
-    ctx: &XdpContext,
+pub fn create<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     l4: &L4,
     key: &FlowKey,

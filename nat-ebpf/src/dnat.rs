@@ -1,7 +1,7 @@
 //! Destination NAT: the rule for a packet and its stateless rewrite. Rules that need a session
 //! are taken on by `nat::try_rules`.
 
-use aya_ebpf::programs::XdpContext;
+use crate::packet::Frame;
 use nat_common::{
     conntrack::{FlowKey, NO_RULE},
     ipv4::{icmp_is_error, proto},
@@ -102,8 +102,8 @@ pub fn translated(pkt: &Ipv4Packet, key: &FlowKey, rule: &NatRule, side: Side) -
 /// Applies a DNAT rule without a session: `Destination` for the original direction (VIP ->
 /// backend), `Source` for a backend's reply (backend -> VIP).
 #[inline(always)]
-pub fn apply_stateless(
-    ctx: &XdpContext,
+pub fn apply_stateless<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     l4: &L4,
     key: &FlowKey,

@@ -8,6 +8,7 @@
 //! hop's MAC is known does not change the answer. (The forwarding stage, `forward`, asks its own
 //! question: it needs the neighbour.)
 
+use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
@@ -16,7 +17,6 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC,
     },
     helpers::bpf_fib_lookup,
-    programs::XdpContext,
 };
 use nat_common::conntrack::FlowKey;
 
@@ -37,8 +37,8 @@ pub struct Egress {
 /// `slot` in place (see `zero`: a request built and returned by value costs a byte-wise
 /// `memset`).
 #[inline(always)]
-fn request<'a>(
-    ctx: &XdpContext,
+fn request<'a, C: Frame>(
+    ctx: &C,
     slot: &'a mut MaybeUninit<FibParams>,
     src: [u8; 4],
     dst: [u8; 4],
@@ -47,7 +47,7 @@ fn request<'a>(
     // below.
     let params = unsafe { zero_fill(slot) };
     params.family = AF_INET;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.ifindex = ctx.ingress_ifindex();
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     params
@@ -56,8 +56,8 @@ fn request<'a>(
 /// A route question for a packet with tuple `key` and total length `tot_len` (non-zero: the
 /// kernel compares it with the route's MTU), written into `slot`.
 #[inline(always)]
-fn flow_request<'a>(
-    ctx: &XdpContext,
+fn flow_request<'a, C: Frame>(
+    ctx: &C,
     slot: &'a mut MaybeUninit<FibParams>,
     key: &FlowKey,
     tot_len: u16,
@@ -72,11 +72,11 @@ fn flow_request<'a>(
 
 /// Asks the kernel; the answer's fields are written into `params`. Returns its code.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, params: &mut FibParams, flags: u32) -> i64 {
+fn lookup<C: Frame>(ctx: &C, params: &mut FibParams, flags: u32) -> i64 {
     // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
     unsafe {
         bpf_fib_lookup(
-            ctx.ctx as *mut _,
+            ctx.as_ptr() as *mut _,
             params,
             core::mem::size_of::<FibParams>() as i32,
             flags,
@@ -87,7 +87,7 @@ fn lookup(ctx: &XdpContext, params: &mut FibParams, flags: u32) -> i64 {
 /// The egress interface and preferred source of the route `params` asks for; `None` when the
 /// kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
-fn route_with_source(ctx: &XdpContext, params: &mut FibParams) -> Option<Egress> {
+fn route_with_source<C: Frame>(ctx: &C, params: &mut FibParams) -> Option<Egress> {
     // SRC: fill in the preferred source address of the route (kernel 6.7+).
     if lookup(ctx, params, BPF_FIB_LOOKUP_SRC | BPF_FIB_LOOKUP_SKIP_NEIGH)
         != BPF_FIB_LKUP_RET_SUCCESS as i64
@@ -105,7 +105,7 @@ fn route_with_source(ctx: &XdpContext, params: &mut FibParams) -> Option<Egress>
 /// Looks up the route of a packet with tuple `key` that arrived on this program's interface.
 /// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
-pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
+pub fn egress<C: Frame>(ctx: &C, key: &FlowKey, tot_len: u16) -> Option<Egress> {
     let mut slot = MaybeUninit::uninit();
     route_with_source(ctx, flow_request(ctx, &mut slot, key, tot_len))
 }
@@ -113,7 +113,7 @@ pub fn egress(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<Egress> {
 /// The address this host would send from towards `dst` (the route's preferred source): the
 /// source of an answer the program builds itself.
 #[inline(always)]
-pub fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
+pub fn source_towards<C: Frame>(ctx: &C, dst: [u8; 4]) -> Option<[u8; 4]> {
     let mut slot = MaybeUninit::uninit();
     route_with_source(ctx, request(ctx, &mut slot, [0; 4], dst)).map(|route| route.src)
 }
@@ -122,7 +122,7 @@ pub fn source_towards(ctx: &XdpContext, dst: [u8; 4]) -> Option<[u8; 4]> {
 /// it is smaller than the packet's `tot_len` (the kernel would answer "fragmentation needed");
 /// `None` when the packet fits or there is no route.
 #[inline(always)]
-pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32> {
+pub fn frag_needed<C: Frame>(ctx: &C, key: &FlowKey, tot_len: u16) -> Option<u32> {
     let mut slot = MaybeUninit::uninit();
     let params = flow_request(ctx, &mut slot, key, tot_len);
     if lookup(ctx, params, BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
@@ -135,7 +135,7 @@ pub fn frag_needed(ctx: &XdpContext, key: &FlowKey, tot_len: u16) -> Option<u32>
 /// Whether a packet from `src` to `dst` arriving on this program's interface is addressed to
 /// this host (a local, broadcast or multicast route: the FIB says "not forwarded").
 #[inline(always)]
-pub fn is_local(ctx: &XdpContext, src: [u8; 4], dst: [u8; 4]) -> bool {
+pub fn is_local<C: Frame>(ctx: &C, src: [u8; 4], dst: [u8; 4]) -> bool {
     let mut slot = MaybeUninit::uninit();
     let params = request(ctx, &mut slot, src, dst);
     lookup(ctx, params, BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_NOT_FWDED as i64

@@ -8,15 +8,15 @@
 //! change (see `nat_common::route_cache`): the FIB lookup is the dearest step of a forwarded
 //! packet.
 
+use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS,
     },
     helpers::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
 };
 use nat_common::{
     checksum,
@@ -42,8 +42,8 @@ const AF_INET: u8 = 2;
 
 /// Whether translated packets arriving on this interface are forwarded from XDP.
 #[inline(always)]
-pub fn enabled(ctx: &XdpContext) -> bool {
-    let ifindex = ctx.ingress_ifindex() as u32;
+pub fn enabled<C: Frame>(ctx: &C) -> bool {
+    let ifindex = ctx.ingress_ifindex();
     // The array first (an inlined lookup); the hash only for an entry the agent has not
     // written (see `nat_common::maps::IFACE_FLAGS`).
     if let Some(&flags) = IFACE_FLAGS.get(ifindex) {
@@ -55,9 +55,9 @@ pub fn enabled(ctx: &XdpContext) -> bool {
     matches!(IFACE_FORWARD.get_ptr(&ifindex), Some(flags) if unsafe { *flags } & FORWARD_XDP != 0)
 }
 
-/// Sends a translated packet on its way; returns the XDP action.
+/// Sends a translated packet on its way; returns the program's return code.
 #[inline(always)]
-pub fn send(ctx: &XdpContext) -> u32 {
+pub fn send<C: Frame>(ctx: &C) -> u32 {
     let result = if enabled(ctx) {
         route_with(ctx, current_generation())
     } else {
@@ -65,9 +65,9 @@ pub fn send(ctx: &XdpContext) -> u32 {
     };
     count(result);
     match result {
-        ForwardResult::Redirected => xdp_action::XDP_REDIRECT,
-        ForwardResult::Transmitted => xdp_action::XDP_TX,
-        _ => xdp_action::XDP_PASS,
+        ForwardResult::Redirected => C::REDIRECTED,
+        ForwardResult::Transmitted => ctx.back_out(),
+        _ => C::PASS,
     }
 }
 
@@ -95,7 +95,7 @@ fn current_generation() -> u32 {
 /// bare forwarder, which must not be helped by the NAT's cache); any failure leaves the frame
 /// intact.
 #[inline(always)]
-pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
+pub(crate) fn route<C: Frame>(ctx: &C) -> ForwardResult {
     route_with(ctx, GENERATION_OFF)
 }
 
@@ -103,8 +103,8 @@ pub(crate) fn route(ctx: &XdpContext) -> ForwardResult {
 /// (see `nat_common::route_cache`); a FIB answer is remembered unless `generation` is
 /// `GENERATION_OFF`.
 #[inline(always)]
-fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
-    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+fn route_with<C: Frame>(ctx: &C, generation: u32) -> ForwardResult {
+    let Ok(eth) = ptr_at::<EthHdr, _>(ctx, 0) else {
         return ForwardResult::NoRoute;
     };
     // SAFETY: bounds-checked by ptr_at.
@@ -113,7 +113,7 @@ fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
         // Tagged: the VLAN device, not this interface, is where the kernel routes from.
         return ForwardResult::Vlan;
     }
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+    let Ok(ip) = ptr_at::<Ipv4Hdr, _>(ctx, EthHdr::LEN) else {
         return ForwardResult::NoRoute;
     };
     // SAFETY: bounds-checked by ptr_at.
@@ -122,12 +122,17 @@ fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
         return ForwardResult::TtlExpiring;
     }
 
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress_ifindex();
     let src = u32::from_ne_bytes(ip.src_addr);
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let tot_len = u16::from_be_bytes(ip.tot_len);
+    // A GSO super-packet's IP length is the sum of its segments': the FIB is asked without
+    // one (tot_len 0), and the kernel checks each segment against the route's MTU itself. The
+    // cache, whose entries hold a length that fitted, is neither asked nor filled: one FIB
+    // lookup per 64 KB costs nothing worth saving.
+    let gso = ctx.is_gso();
     let mut cached: Option<&mut RouteCacheEntry> = None;
-    if generation != GENERATION_OFF {
+    if generation != GENERATION_OFF && !gso {
         let slot = route_cache::slot(ingress, src, dst, ip.tos, ip.proto);
         if let Some(entry) = ROUTE_CACHE.get_ptr_mut(slot) {
             // SAFETY: this CPU's entry from a successful lookup; only this run uses it.
@@ -144,7 +149,7 @@ fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
                 entry.uses_left -= 1;
                 count_route(RouteCacheResult::Hit);
                 let (egress, dmac, smac) = (entry.egress, entry.dmac, entry.smac);
-                return leave(eth, ip, ingress, egress, dmac, smac);
+                return leave::<C>(eth, ip, ingress, egress, dmac, smac);
             }
             cached = Some(entry);
         }
@@ -155,7 +160,7 @@ fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
     let params: &mut FibParams = unsafe { zero_fill(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
-    params.__bindgen_anon_1.tot_len = tot_len;
+    params.__bindgen_anon_1.tot_len = if gso { 0 } else { tot_len };
     params.__bindgen_anon_2.tos = ip.tos;
     params.ifindex = ingress;
     params.__bindgen_anon_3.ipv4_src = src;
@@ -163,7 +168,7 @@ fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
     // SAFETY: params is a valid, correctly sized bpf_fib_lookup on the stack.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.ctx as *mut _,
+            ctx.as_ptr() as *mut _,
             params,
             core::mem::size_of::<FibParams>() as i32,
             0,
@@ -192,12 +197,12 @@ fn route_with(ctx: &XdpContext, generation: u32) -> ForwardResult {
         entry._pad = 0;
         count_route(RouteCacheResult::Filled);
     }
-    leave(eth, ip, ingress, params.ifindex, params.dmac, params.smac)
+    leave::<C>(eth, ip, ingress, params.ifindex, params.dmac, params.smac)
 }
 
 /// Rewrites the frame for the next hop (TTL, MACs) and sends it out of `egress`.
 #[inline(always)]
-fn leave(
+fn leave<C: Frame>(
     eth: &mut EthHdr,
     ip: &mut Ipv4Hdr,
     ingress: u32,
@@ -218,7 +223,7 @@ fn leave(
     }
     // SAFETY: helper call with plain values.
     let rc = unsafe { bpf_redirect(egress, 0) };
-    if rc as u32 == xdp_action::XDP_REDIRECT {
+    if rc as u32 == C::REDIRECTED {
         ForwardResult::Redirected
     } else {
         // Cannot happen for a valid ifindex; the frame is already rewritten for the next hop,

@@ -8,9 +8,10 @@
 //! rewrite it with made-up ports: address-only stateless rules still apply (they need no
 //! ports), a port rule passes it (`fragment_unmatched`), SNAT drops it (`snat_fragment`).
 
+use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_boot_ns, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_boot_ns};
 use nat_common::{
     conntrack::{FlowKey, NO_RULE},
     frag::{frag_entry_fresh, FragEntry, FragKey, FRAG_REPLY},
@@ -64,8 +65,8 @@ pub fn remember(pkt: &Ipv4Packet, to: &FlowKey, rule: u32, rule2: u32, direction
 /// Translates a later fragment whose first fragment was translated a moment ago. `Ok(None)`:
 /// nothing (fresh) is remembered for its datagram.
 #[inline(always)]
-pub fn translate_later(
-    ctx: &XdpContext,
+pub fn translate_later<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     l4: &L4,
 ) -> Result<Option<Reason>, Reason> {

@@ -25,7 +25,7 @@
 //! exempt flows), or addressed to this host (its own tracepath, path MTU discovery), go to the
 //! kernel untouched: dropping them would break those for traffic the NAT never touched.
 
-use aya_ebpf::programs::XdpContext;
+use crate::packet::Frame;
 use nat_common::{
     checksum,
     conntrack::{Endpoint, FlowKey},
@@ -46,12 +46,17 @@ use crate::{
     conntrack::{self, Tracked},
     dnat::{self, Side},
     fib,
-    maps::{rule_bank, rule_lookup, BINDINGS, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES},
+    maps::{rule_bank, rule_lookup, BINDINGS, DNAT_FORWARD, DNAT_REVERSE, SNAT_RULES},
     packet::ptr_at,
     parse::{l4_header, parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     rewrite::{addr_delta, port_delta},
     snat::{self, SnatDecision},
 };
+
+/// How far into an skb the ICMP error stage reads: Ethernet, a VLAN tag, the error's IPv4
+/// header with the most options, its ICMP header, and the quoted IPv4 header (options too)
+/// with the 8 bytes of ports it always carries.
+pub const HEADERS: usize = 14 + 4 + 60 + 8 + 60 + 8;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -64,9 +69,9 @@ pub fn is_error(l4: &L4) -> bool {
 
 /// Tail-calls `xdp_nat_icmp_error`; returns only if that failed.
 #[inline(always)]
-pub fn hand_over(ctx: &XdpContext) -> Reason {
+pub fn hand_over<C: Frame>(ctx: &C) -> Reason {
     // SAFETY: tail_call either does not return or returns on failure; nothing is held across.
-    unsafe { PROGRAMS.tail_call(ctx, ICMP_ERROR_SLOT) };
+    unsafe { C::programs().tail_call(ctx, ICMP_ERROR_SLOT) };
     Reason::IcmpErrorUnavailable
 }
 
@@ -89,7 +94,7 @@ struct Quote {
 
 /// Body of `xdp_nat_icmp_error`.
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
+pub fn run<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
     if !is_error(&l4) {
@@ -121,7 +126,7 @@ pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
 
 /// Reads and checks the quoted IPv4 header and its first L4 bytes.
 #[inline(always)]
-fn read_quote(ctx: &XdpContext, pkt: &Ipv4Packet) -> Result<Quote, Reason> {
+fn read_quote<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Result<Quote, Reason> {
     let l3_offset = pkt.l4_offset() + ICMP_HEADER_LEN;
     // `read_l4` found a whole ICMP header inside the datagram, so this cannot underflow.
     let quote_len = pkt.info.total_len - pkt.info.header_len - ICMP_HEADER_LEN;
@@ -222,8 +227,8 @@ enum Found {
 /// the NAT would have passed untranslated (a fragment a port rule needs ports for, DCCP, a
 /// stateful rule's untrackable packet): the error is the kernel's then too.
 #[inline(always)]
-fn find_translation(
-    ctx: &XdpContext,
+fn find_translation<C: Frame>(
+    ctx: &C,
     bank: u32,
     pkt: &Ipv4Packet,
     quote: &Quote,
@@ -288,8 +293,8 @@ fn find_translation(
 /// rule translates, or an error from outside about a packet from an external endpoint the NAT
 /// has handed out (its session gone, or a forged quote).
 #[inline(always)]
-fn nat_only(
-    ctx: &XdpContext,
+fn nat_only<C: Frame>(
+    ctx: &C,
     bank: u32,
     pkt: &Ipv4Packet,
     quote: &Quote,
@@ -321,7 +326,7 @@ fn nat_only(
 /// (the appliance's own traffic, routed or exempt flows) it is passed, and so is any error
 /// addressed to this host, whose kernel matches it against its own sockets.
 #[inline(always)]
-fn unmatched(ctx: &XdpContext, pkt: &Ipv4Packet, nat_only: bool) -> Reason {
+fn unmatched<C: Frame>(ctx: &C, pkt: &Ipv4Packet, nat_only: bool) -> Reason {
     if !nat_only || fib::is_local(ctx, pkt.src, pkt.dst) {
         return Reason::IcmpErrorPassed;
     }
@@ -332,8 +337,8 @@ fn unmatched(ctx: &XdpContext, pkt: &Ipv4Packet, nat_only: bool) -> Reason {
 /// outer addresses after it, and every checksum. Every field is written unconditionally (an
 /// RFC 1624 update with old == new changes nothing), which keeps the verifier's paths few.
 #[inline(always)]
-fn rewrite(
-    ctx: &XdpContext,
+fn rewrite<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     quote: &Quote,
     from: &FlowKey,

@@ -1,7 +1,9 @@
 //! XDP NAT: the kernel half of the appliance.
 //!
-//! Every packet takes exactly one exit, named by a [`Reason`] that is counted per CPU and
-//! decides the XDP action. `nat` orders the stages: sessions (conntrack), DNAT rules (stateless
+//! The same translation runs at two hooks: XDP (`xdp_nat` and its stages) and TC ingress
+//! (`tc_nat` and its stages, for interfaces whose hook is `tc`); the code is written once over
+//! `packet::Frame`. Every packet takes exactly one exit, named by a [`Reason`] that is counted
+//! per CPU and decides the program's action. `nat` orders the stages: sessions (conntrack), DNAT rules (stateless
 //! or stateful), SNAT rules; ICMP errors go to `icmp`. Translated packets leave from XDP
 //! (`forward`) or go to the kernel (XDP_PASS), which forwards them.
 #![no_std]
@@ -30,8 +32,13 @@ mod stats;
 mod toobig;
 mod zero;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use nat_common::stats::{Action, Reason};
+use packet::{pull_headers, Frame, TC_HEADERS};
 
 /// Entry point attached to each NAT interface.
 #[xdp]
@@ -102,9 +109,48 @@ pub fn xdp_bench_drop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
 }
 
+/// TC twin of [`xdp_nat`], attached at ingress (TCX) to interfaces whose hook is `tc`.
+#[classifier]
+pub fn tc_nat(ctx: TcContext) -> i32 {
+    pull_headers(&ctx, TC_HEADERS);
+    finish(&ctx, nat::try_translate(&ctx)) as i32
+}
+
+/// TC twin of [`xdp_nat_rules`].
+#[classifier]
+pub fn tc_nat_rules(ctx: TcContext) -> i32 {
+    finish(&ctx, nat::try_rules(&ctx)) as i32
+}
+
+/// TC twin of [`xdp_nat_new_flow`].
+#[classifier]
+pub fn tc_nat_new_flow(ctx: TcContext) -> i32 {
+    finish(&ctx, newflow::run(&ctx)) as i32
+}
+
+/// TC twin of [`xdp_nat_icmp_error`]: reads further into the packet than `tc_nat` made
+/// directly accessible (the quoted datagram).
+#[classifier]
+pub fn tc_nat_icmp_error(ctx: TcContext) -> i32 {
+    pull_headers(&ctx, icmp::HEADERS);
+    finish(&ctx, icmp::run(&ctx)) as i32
+}
+
+/// TC twin of [`xdp_nat_claim`].
+#[classifier]
+pub fn tc_nat_claim(ctx: TcContext) -> i32 {
+    finish(&ctx, newflow::claim(&ctx)) as i32
+}
+
+/// TC twin of [`xdp_nat_too_big`].
+#[classifier]
+pub fn tc_nat_too_big(ctx: TcContext) -> i32 {
+    finish(&ctx, toobig::run(&ctx)) as i32
+}
+
 /// Every NAT program ends here: count the exit reason, take its action.
 #[inline(always)]
-fn finish(ctx: &XdpContext, result: Result<Reason, Reason>) -> u32 {
+fn finish<C: Frame>(ctx: &C, result: Result<Reason, Reason>) -> u32 {
     let reason = match result {
         Ok(reason) | Err(reason) => reason,
     };
@@ -113,15 +159,15 @@ fn finish(ctx: &XdpContext, result: Result<Reason, Reason>) -> u32 {
 }
 
 #[inline(always)]
-fn action_for(ctx: &XdpContext, reason: Reason) -> u32 {
+fn action_for<C: Frame>(ctx: &C, reason: Reason) -> u32 {
     match reason.action() {
-        // Translated packets leave from XDP where the interface says so, else the kernel
-        // forwards them.
+        // Translated packets leave from the program where the interface says so, else the
+        // kernel forwards them.
         Action::Translated => forward::send(ctx),
-        Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
-        // The program built an answer in the frame: back to the neighbour it came from.
-        Action::Reply => xdp_action::XDP_TX,
+        Action::Pass => C::PASS,
+        Action::Drop => C::DROP,
+        // The program built an answer in the packet: back to the neighbour it came from.
+        Action::Reply => ctx.back_out(),
     }
 }
 

@@ -168,6 +168,11 @@ pub fn rule_lookup<V>(
 #[map(name = "PROGRAMS")]
 pub static PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN, 0);
 
+/// The TC programs' stages, at the slots of [`PROGRAMS`] (a tail call reaches only programs of
+/// its own type). Filled by the agent.
+#[map(name = "TC_PROGRAMS")]
+pub static TC_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(PROGRAMS_LEN, 0);
+
 /// Per-CPU hand-over from `xdp_nat` to the new-flow program: the decision taken for the packet
 /// being tail-called. Valid only during that tail call (same CPU, same packet).
 #[map(name = "NEW_FLOW")]

@@ -16,7 +16,7 @@
 //! rules; a new session goes on to `xdp_nat_new_flow` (`newflow`). A packet that would start
 //! an SNAT session but is addressed to this host is never translated (`local_destination`).
 
-use aya_ebpf::programs::XdpContext;
+use crate::packet::Frame;
 use nat_common::{
     conntrack::FlowKey,
     ipv4::{icmp_is_error, proto},
@@ -30,9 +30,7 @@ use crate::{
     conntrack::{self, same_endpoint},
     dnat::{self, Side},
     forward, frag, icmp,
-    maps::{
-        rule_bank, rule_lookup, BINDINGS, BYPASS, DNAT_FORWARD, DNAT_REVERSE, PROGRAMS, SNAT_RULES,
-    },
+    maps::{rule_bank, rule_lookup, BINDINGS, BYPASS, DNAT_FORWARD, DNAT_REVERSE, SNAT_RULES},
     newflow,
     parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     snat::{self, SnatDecision},
@@ -40,7 +38,7 @@ use crate::{
 
 /// Body of `xdp_nat`. `Ok` and `Err` both carry the exit reason.
 #[inline(always)]
-pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
+pub fn try_translate<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
     let bank = rule_bank();
@@ -105,16 +103,16 @@ pub fn try_translate(ctx: &XdpContext) -> Result<Reason, Reason> {
 
 /// Tail-calls `xdp_nat_rules`; returns only if that failed.
 #[inline(always)]
-fn to_rules_program(ctx: &XdpContext) -> Reason {
+fn to_rules_program<C: Frame>(ctx: &C) -> Reason {
     // SAFETY: tail_call either does not return or returns on failure; nothing is held across.
-    unsafe { PROGRAMS.tail_call(ctx, RULES_SLOT) };
+    unsafe { C::programs().tail_call(ctx, RULES_SLOT) };
     Reason::NewFlowUnavailable
 }
 
 /// Body of `xdp_nat_rules`: the packet matched no session, and either a DNAT rule that may
 /// need one or no DNAT rule at all.
 #[inline(always)]
-pub fn try_rules(ctx: &XdpContext) -> Result<Reason, Reason> {
+pub fn try_rules<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
     let key = l4.flow_key(&pkt);
@@ -223,8 +221,8 @@ fn hairpin_target(key: &FlowKey) -> Option<FlowKey> {
 
 /// Why a packet with SNAT rules for its source but no trackable tuple is not translated.
 #[inline(always)]
-fn untrackable_reason(
-    ctx: &XdpContext,
+fn untrackable_reason<C: Frame>(
+    ctx: &C,
     bank: u32,
     pkt: &Ipv4Packet,
     l4: &L4,

@@ -12,7 +12,7 @@
 //! session. The claim (free-port index search, inserts, the endpoint-mapping race) on top of
 //! session creation would not fit one 512-byte BPF stack.
 
-use aya_ebpf::programs::XdpContext;
+use crate::packet::Frame;
 use nat_common::{
     conntrack::{Endpoint, FlowKey, TcpState},
     maps::{CLAIM_SLOT, NEW_FLOW_SLOT},
@@ -22,7 +22,7 @@ use nat_common::{
 
 use crate::{
     conntrack::{self, same_key},
-    maps::{NEW_FLOW, PROGRAMS},
+    maps::NEW_FLOW,
     parse::{parse_ipv4, read_l4, L4Kind},
     snat::{self, Allocation, SnatChoice},
 };
@@ -67,8 +67,8 @@ pub struct NewFlow {
 
 /// Hands the packet to the new-flow program. Returns only if the tail call failed.
 #[inline(always)]
-pub fn hand_over(
-    ctx: &XdpContext,
+pub fn hand_over<C: Frame>(
+    ctx: &C,
     key: &FlowKey,
     to: &FlowKey,
     dnat_rule: Option<u32>,
@@ -95,7 +95,7 @@ pub fn hand_over(
         slot.masquerade_src = choice.masquerade_src.unwrap_or([0; 4]);
     }
     // SAFETY: tail_call either does not return or returns on failure; nothing is held across.
-    unsafe { PROGRAMS.tail_call(ctx, NEW_FLOW_SLOT) };
+    unsafe { C::programs().tail_call(ctx, NEW_FLOW_SLOT) };
     Reason::NewFlowUnavailable
 }
 
@@ -140,7 +140,7 @@ fn inside_of(to: &FlowKey) -> Endpoint {
 
 /// Body of `xdp_nat_new_flow`.
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
+pub fn run<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
     let key = l4.flow_key(&pkt);
@@ -167,7 +167,7 @@ pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
                 Some(reused) => allocation = Some(reused),
                 None => {
                     // SAFETY: tail_call either does not return or returns on failure.
-                    unsafe { PROGRAMS.tail_call(ctx, CLAIM_SLOT) };
+                    unsafe { C::programs().tail_call(ctx, CLAIM_SLOT) };
                     return Err(Reason::NewFlowUnavailable);
                 }
             }
@@ -189,7 +189,7 @@ pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
 /// Body of `xdp_nat_claim`: claims a new external endpoint for the flow in the slot, records
 /// it there and goes back to the new-flow program.
 #[inline(always)]
-pub fn claim(ctx: &XdpContext) -> Result<Reason, Reason> {
+pub fn claim<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     let l4 = read_l4(ctx, &pkt);
     let key = l4.flow_key(&pkt);
@@ -208,7 +208,7 @@ pub fn claim(ctx: &XdpContext) -> Result<Reason, Reason> {
         // SAFETY: the per-CPU slot from `decision`; only this CPU touches it.
         unsafe { (*slot).claim_tries = flow.claim_tries + 1 };
         // SAFETY: tail_call either does not return or returns on failure.
-        unsafe { PROGRAMS.tail_call(ctx, CLAIM_SLOT) };
+        unsafe { C::programs().tail_call(ctx, CLAIM_SLOT) };
         return Err(Reason::NewFlowUnavailable);
     };
     {
@@ -219,7 +219,7 @@ pub fn claim(ctx: &XdpContext) -> Result<Reason, Reason> {
         slot.claimed_fresh = claimed.fresh as u8;
     }
     // SAFETY: tail_call either does not return or returns on failure.
-    unsafe { PROGRAMS.tail_call(ctx, NEW_FLOW_SLOT) };
+    unsafe { C::programs().tail_call(ctx, NEW_FLOW_SLOT) };
     // The session cannot be created: give the claim back rather than leave it to the sweep.
     snat::release(&inside, &claimed);
     Err(Reason::NewFlowUnavailable)

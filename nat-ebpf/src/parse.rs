@@ -1,6 +1,6 @@
 //! Bounded parsing: Ethernet, one optional 802.1Q tag, IPv4 with options, the L4 header.
 
-use aya_ebpf::programs::XdpContext;
+use crate::packet::Frame;
 use nat_common::{
     conntrack::FlowKey,
     ipv4::{self, proto, HeaderInfo},
@@ -50,7 +50,7 @@ impl Ipv4Packet {
 /// Parses up to the IPv4 header. `Err` carries the exit reason for anything that is not a
 /// well-formed IPv4 packet.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &XdpContext) -> Result<Ipv4Packet, Reason> {
+pub fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).map_err(|_| Reason::TruncatedEthernet)?;
     // SAFETY: bounds-checked by ptr_at.
     let mut ether_type = unsafe { (*eth).ether_type };
@@ -156,7 +156,7 @@ const TCP_FLAGS_OFFSET: usize = 13;
 /// Reads the L4 header the packet claims to have. A header must lie within the datagram's total
 /// length as well as the frame (a frame may carry Ethernet padding).
 #[inline(always)]
-pub fn read_l4(ctx: &XdpContext, pkt: &Ipv4Packet) -> L4 {
+pub fn read_l4<C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> L4 {
     let mut l4 = L4 {
         kind: L4Kind::NoPorts,
         sport: [0; 2],
@@ -168,7 +168,7 @@ pub fn read_l4(ctx: &XdpContext, pkt: &Ipv4Packet) -> L4 {
         return l4;
     }
     match pkt.proto {
-        proto::TCP => match l4_header::<TcpHdr>(ctx, pkt) {
+        proto::TCP => match l4_header::<TcpHdr, _>(ctx, pkt) {
             Some(tcp) => {
                 // SAFETY: bounds-checked by l4_header.
                 let tcp = unsafe { &*tcp };
@@ -181,7 +181,7 @@ pub fn read_l4(ctx: &XdpContext, pkt: &Ipv4Packet) -> L4 {
             }
             None => l4.kind = L4Kind::Truncated,
         },
-        proto::UDP => match l4_header::<UdpHdr>(ctx, pkt) {
+        proto::UDP => match l4_header::<UdpHdr, _>(ctx, pkt) {
             Some(udp) => {
                 // SAFETY: bounds-checked by l4_header.
                 let udp = unsafe { &*udp };
@@ -191,7 +191,7 @@ pub fn read_l4(ctx: &XdpContext, pkt: &Ipv4Packet) -> L4 {
             }
             None => l4.kind = L4Kind::Truncated,
         },
-        proto::ICMP => match l4_header::<Icmpv4Hdr>(ctx, pkt) {
+        proto::ICMP => match l4_header::<Icmpv4Hdr, _>(ctx, pkt) {
             Some(icmp) => {
                 // SAFETY: bounds-checked by l4_header.
                 let icmp = unsafe { &*icmp };
@@ -220,7 +220,7 @@ pub fn read_l4(ctx: &XdpContext, pkt: &Ipv4Packet) -> L4 {
 
 /// Pointer to the L4 header `T` if it lies inside both the frame and the datagram.
 #[inline(always)]
-pub fn l4_header<T>(ctx: &XdpContext, pkt: &Ipv4Packet) -> Option<*mut T> {
+pub fn l4_header<T, C: Frame>(ctx: &C, pkt: &Ipv4Packet) -> Option<*mut T> {
     if pkt.info.header_len + core::mem::size_of::<T>() > pkt.info.total_len {
         return None;
     }

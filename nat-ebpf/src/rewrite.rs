@@ -1,13 +1,18 @@
 //! Rewrites a packet's addresses and ports from one tuple to another, fixing every checksum
 //! incrementally (RFC 1624). Stateless DNAT and session translation both end here.
 
-use aya_ebpf::programs::XdpContext;
+use crate::packet::Frame;
 use nat_common::{
     checksum::{self, Delta},
     conntrack::FlowKey,
     stats::Reason,
 };
 use network_types::{icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+/// Offset of the checksum in a TCP header.
+const TCP_CHECK: usize = 16;
+/// Offset of the checksum in a UDP header.
+const UDP_CHECK: usize = 6;
 
 use crate::{
     packet::ptr_at,
@@ -21,8 +26,8 @@ use crate::{
 /// Fails, leaving the packet untouched, when the L4 header that would need a checksum update
 /// is cut short.
 #[inline(always)]
-pub fn rewrite(
-    ctx: &XdpContext,
+pub fn rewrite<C: Frame>(
+    ctx: &C,
     pkt: &Ipv4Packet,
     l4: &L4,
     from: &FlowKey,
@@ -48,14 +53,17 @@ pub fn rewrite(
     // fragment's L4 checksum covers the whole datagram, and an incremental update stays right
     // for it without the bytes in later fragments.
     let ports = !pkt.info.is_later_fragment;
-    let l4_delta = if ports {
-        ports_changed(addrs, from, to)
+    let own = if ports {
+        ports_changed(Delta::NONE, from, to)
     } else {
-        addrs
+        Delta::NONE
     };
+    // Where the TCP or UDP checksum sits, once its header is rewritten (updated last, by the
+    // context: an skb's checksum may be partial, see `packet::Frame`).
+    let check_offset = pkt.l4_offset();
     match l4.kind {
         L4Kind::Tcp => {
-            let Some(tcp) = l4_header::<TcpHdr>(ctx, pkt) else {
+            let Some(tcp) = l4_header::<TcpHdr, C>(ctx, pkt) else {
                 return Err(Reason::TruncatedL4);
             };
             // SAFETY: bounds-checked by l4_header.
@@ -64,29 +72,19 @@ pub fn rewrite(
                 tcp.source = to.sport;
                 tcp.dest = to.dport;
             }
-            tcp.check = l4_delta.apply(u16::from_be_bytes(tcp.check)).to_be_bytes();
+            ctx.update_l4_checksum(check_offset + TCP_CHECK, &mut tcp.check, addrs, own, false);
         }
         L4Kind::Udp => {
-            let Some(udp) = l4_header::<UdpHdr>(ctx, pkt) else {
+            let Some(udp) = l4_header::<UdpHdr, C>(ctx, pkt) else {
                 return Err(Reason::TruncatedL4);
             };
             // SAFETY: bounds-checked by l4_header.
             let udp = unsafe { &mut *udp };
-            let old = u16::from_be_bytes(udp.check);
             if ports {
                 udp.src = to.sport;
                 udp.dst = to.dport;
             }
-            let c = l4_delta.apply(old);
-            // UDP: 0 means "no checksum" and stays 0; a computed 0 is sent as 0xffff.
-            let c = if old == 0 {
-                0
-            } else if c == 0 {
-                0xffff
-            } else {
-                c
-            };
-            udp.check = c.to_be_bytes();
+            ctx.update_l4_checksum(check_offset + UDP_CHECK, &mut udp.check, addrs, own, true);
         }
         L4Kind::IcmpEchoRequest | L4Kind::IcmpEchoReply if ports => {
             // The echo id is the "port" of whichever side chose it; the ICMP checksum covers
@@ -96,7 +94,7 @@ pub fn rewrite(
             } else {
                 (from.dport, to.dport)
             };
-            let Some(icmp) = l4_header::<Icmpv4Hdr>(ctx, pkt) else {
+            let Some(icmp) = l4_header::<Icmpv4Hdr, _>(ctx, pkt) else {
                 return Err(Reason::TruncatedL4);
             };
             // SAFETY: bounds-checked by l4_header.

@@ -1,9 +1,9 @@
 //! Source NAT: which SNAT rule applies to a new flow, and the external endpoint it gets.
 
+use crate::packet::Frame;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
-    programs::XdpContext,
 };
 use nat_common::conntrack::{
     pool_index_for, probe_port, Endpoint, FlowKey, Mapping, Pool, MAX_POOL_ADDRS, MAX_PORT_PROBES,
@@ -51,7 +51,7 @@ pub enum SnatDecision {
 /// this code only runs for packets that start a flow, and a loop without per-iteration
 /// lookup state keeps the verifier's path count small.
 #[inline(always)]
-pub fn decide(ctx: &XdpContext, bank: u32, key: &FlowKey, tot_len: u16) -> SnatDecision {
+pub fn decide<C: Frame>(ctx: &C, bank: u32, key: &FlowKey, tot_len: u16) -> SnatDecision {
     let Some(set) = rule_lookup(&SNAT_RULES, FilterTable::Snat, bank, key.src) else {
         return SnatDecision::NoRule;
     };

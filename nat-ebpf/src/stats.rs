@@ -1,6 +1,7 @@
 //! Counter updates. Per-CPU maps need no atomics: each CPU owns its slot.
 
-use aya_ebpf::{maps::PerCpuArray, programs::XdpContext};
+use crate::packet::Frame;
+use aya_ebpf::maps::PerCpuArray;
 use aya_log_ebpf::error;
 use nat_common::stats::Reason;
 
@@ -33,7 +34,7 @@ pub enum Direction {
 
 /// Adds one packet of `bytes` to rule slot `index`.
 #[inline(always)]
-pub fn count_rule(ctx: &XdpContext, index: u32, direction: Direction, bytes: u64) {
+pub fn count_rule<C: Frame>(ctx: &C, index: u32, direction: Direction, bytes: u64) {
     let Some(c) = RULE_COUNTERS.get_ptr_mut(index) else {
         // Only an agent bug (a slot beyond the map) gets here; worth a log line, not a branch
         // per packet in the metrics.

@@ -11,15 +11,12 @@
 //! quote, the rest is cut off, and the frame goes back out of the interface it came in on
 //! (XDP_TX) to the neighbour that sent it.
 
-use aya_ebpf::{
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
+use crate::packet::Frame;
 use nat_common::{maps::TOO_BIG_SLOT, stats::Reason};
 
 use crate::{
     fib::source_towards,
-    maps::{PROGRAMS, TOO_BIG_MTU},
+    maps::TOO_BIG_MTU,
     packet::{frame_len, ptr_at},
     parse::parse_ipv4,
 };
@@ -34,20 +31,20 @@ const ANSWER_LEN: usize = ETH_HLEN + NEW_HEADERS + QUOTE;
 
 /// Hands the packet to `xdp_nat_too_big` with the route's `mtu`; returns only if that failed.
 #[inline(always)]
-pub fn hand_over(ctx: &XdpContext, mtu: u32) -> Reason {
+pub fn hand_over<C: Frame>(ctx: &C, mtu: u32) -> Reason {
     let Some(slot) = TOO_BIG_MTU.get_ptr_mut(0) else {
         return Reason::MtuTooBigUnanswered;
     };
     // SAFETY: per-CPU slot from a successful lookup; only this CPU touches it.
     unsafe { *slot = mtu };
     // SAFETY: tail_call either does not return or returns on failure; nothing is held across.
-    unsafe { PROGRAMS.tail_call(ctx, TOO_BIG_SLOT) };
+    unsafe { C::programs().tail_call(ctx, TOO_BIG_SLOT) };
     Reason::MtuTooBigUnanswered
 }
 
 /// Body of `xdp_nat_too_big`.
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
+pub fn run<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let unanswered = Reason::MtuTooBigUnanswered;
     let pkt = parse_ipv4(ctx)?;
     // Only the plain layout: Ethernet without a tag, an IPv4 header without options (all the
@@ -64,20 +61,13 @@ pub fn run(ctx: &XdpContext) -> Result<Reason, Reason> {
         return Err(unanswered);
     };
     // The Ethernet addresses swap: the answer goes back to the neighbour that sent the packet.
-    let eth = ptr_at::<[u8; 12]>(ctx, 0).map_err(|_| unanswered)?;
+    let eth = ptr_at::<[u8; 12], _>(ctx, 0).map_err(|_| unanswered)?;
     // SAFETY: bounds-checked pointer into the frame.
     let macs = unsafe { *eth };
 
-    // SAFETY: growing the head by NEW_HEADERS bytes; every pointer is derived again after.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(NEW_HEADERS as i32)) } != 0 {
-        return Err(unanswered);
-    }
-    let cut = frame_len(ctx) as i32 - ANSWER_LEN as i32;
-    // SAFETY: shrinking the tail to the answer's length (the frame is at least that long).
-    if cut < 0 || unsafe { bpf_xdp_adjust_tail(ctx.ctx, -cut) } != 0 {
-        return Err(unanswered);
-    }
-    let frame = ptr_at::<[u8; ANSWER_LEN]>(ctx, 0).map_err(|_| unanswered)?;
+    ctx.reshape(NEW_HEADERS, ANSWER_LEN)
+        .map_err(|_| unanswered)?;
+    let frame = ptr_at::<[u8; ANSWER_LEN], _>(ctx, 0).map_err(|_| unanswered)?;
     // SAFETY: bounds-checked pointer covering the whole answer.
     let f = unsafe { &mut *frame };
     // Ethernet: to the sender's neighbour, from us (the packet's destination MAC).
