@@ -161,10 +161,14 @@ pub struct BypassEntry {
 pub struct InterfaceEntry {
     /// Kernel interface name.
     pub name: String,
-    /// `auto` (native, falling back to generic), `native` or `generic`.
+    /// The kernel hook that translates: `xdp` (default) or `tc` (TC ingress through TCX).
+    #[serde(default)]
+    pub hook: Option<String>,
+    /// `auto` (native, falling back to generic), `native` or `generic`; XDP only.
     #[serde(default)]
     pub xdp_mode: Option<String>,
-    /// Who forwards translated packets that arrive here: `kernel` (default) or `xdp`.
+    /// Who forwards translated packets that arrive here: `kernel` (default) or `xdp` (the
+    /// program itself, on either hook).
     #[serde(default)]
     pub forwarding: Option<String>,
 }
@@ -338,6 +342,25 @@ masquerade = true
             ]))
         );
         assert_eq!(c.snat[1].masquerade, Some(true));
+    }
+
+    #[test]
+    fn parses_interface_hook() {
+        let c = ConfigFile::parse(
+            "t.toml",
+            r#"
+[[interfaces]]
+name = "veth0"
+hook = "tc"
+forwarding = "xdp"
+[[interfaces]]
+name = "eth0"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.interfaces[0].hook.as_deref(), Some("tc"));
+        assert_eq!(c.interfaces[0].forwarding.as_deref(), Some("xdp"));
+        assert_eq!(c.interfaces[1].hook, None);
     }
 
     #[test]

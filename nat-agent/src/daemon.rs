@@ -69,7 +69,7 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
     }
     dataplane
         .attach_all(&model.interfaces)
-        .context("attaching the XDP program")?;
+        .context("attaching to the interfaces")?;
     // Without the route cache the program asks the FIB for every packet, which is correct,
     // only dearer: a failure to listen is reported, not fatal.
     let route_watch = match RouteWatch::for_config(&model, &dataplane) {

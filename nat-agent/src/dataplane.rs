@@ -30,7 +30,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, LpmTrie, MapData, PerCpuArray, ProgramArray},
-    programs::Xdp,
+    programs::{ProgramFd, SchedClassifier, Xdp},
     Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
@@ -50,6 +50,10 @@ use nat_common::{
     maps::{BYPASS, LOCAL_ADDRS, MAX_LOCAL_ADDRS, PATH_MTU_FLOOR},
     maps::{LOCAL_FILTER, PORT_BITMAPS, PORT_SPACES, RULE_FILTERS},
     maps::{ROUTE_CACHE_GEN, ROUTE_COUNTERS},
+    maps::{
+        TC_CLAIM_PROGRAM, TC_ICMP_ERROR_PROGRAM, TC_NEW_FLOW_PROGRAM, TC_PROGRAM, TC_PROGRAMS,
+        TC_RULES_PROGRAM, TC_TOO_BIG_PROGRAM,
+    },
     prefilter::{BankFilters, PrefixFilter},
     route_cache::RouteCacheResult,
     rules::NatRuleSet,
@@ -144,40 +148,116 @@ fn is_absent_key(e: &aya::maps::MapError) -> bool {
     }
 }
 
-/// Loads the programs `xdp_nat` reaches by tail call and puts them in `PROGRAMS`. Until they
-/// are there, packets that would start a session are refused (`new_flow_unavailable`) and ICMP
-/// errors dropped (`icmp_error_unavailable`), never passed untranslated.
+/// The programs of the object by type: each hook's programs are loaded as their own type,
+/// and a tail call only reaches programs of its caller's type.
+#[derive(Debug, Clone, Copy)]
+enum ProgramKind {
+    /// XDP (`xdp_*`).
+    Xdp,
+    /// TC, `cls_bpf` (`tc_*`).
+    Tc,
+}
+
+/// The programs `xdp_nat` reaches by tail call, with their slots in `PROGRAMS`.
+const XDP_TAIL_CALLS: [(&str, u32); 5] = [
+    (XDP_CLAIM_PROGRAM, CLAIM_SLOT),
+    (XDP_RULES_PROGRAM, RULES_SLOT),
+    (XDP_NEW_FLOW_PROGRAM, NEW_FLOW_SLOT),
+    (XDP_ICMP_ERROR_PROGRAM, ICMP_ERROR_SLOT),
+    (XDP_TOO_BIG_PROGRAM, TOO_BIG_SLOT),
+];
+
+/// The TC twins of [`XDP_TAIL_CALLS`], at the same slots of `TC_PROGRAMS`.
+const TC_TAIL_CALLS: [(&str, u32); 5] = [
+    (TC_CLAIM_PROGRAM, CLAIM_SLOT),
+    (TC_RULES_PROGRAM, RULES_SLOT),
+    (TC_NEW_FLOW_PROGRAM, NEW_FLOW_SLOT),
+    (TC_ICMP_ERROR_PROGRAM, ICMP_ERROR_SLOT),
+    (TC_TOO_BIG_PROGRAM, TOO_BIG_SLOT),
+];
+
+/// Loads program `name` of `kind` into the kernel (the verifier runs here); `Ok(false)` when
+/// the object has no such program.
+fn load_program(ebpf: &mut Ebpf, name: &str, kind: ProgramKind) -> Result<bool> {
+    let Some(program) = ebpf.program_mut(name) else {
+        return Ok(false);
+    };
+    match kind {
+        ProgramKind::Xdp => {
+            let program: &mut Xdp = program
+                .try_into()
+                .with_context(|| format!("{name}: program type"))?;
+            program
+                .load()
+                .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
+        }
+        ProgramKind::Tc => {
+            let program: &mut SchedClassifier = program
+                .try_into()
+                .with_context(|| format!("{name}: program type"))?;
+            program
+                .load()
+                .with_context(|| format!("the kernel verifier rejected the TC program {name}"))?;
+        }
+    }
+    Ok(true)
+}
+
+/// A file descriptor of the loaded program `name` of its own (to put in a program array while
+/// the object is borrowed mutably).
+fn program_fd(ebpf: &Ebpf, name: &str) -> Result<ProgramFd> {
+    ebpf.program(name)
+        .ok_or_else(|| anyhow!("the object has no program {name}"))?
+        .fd()
+        .with_context(|| format!("{name}: program file descriptor"))?
+        .try_clone()
+        .with_context(|| format!("{name}: duplicating the program fd"))
+}
+
+/// Loads the programs that are attached to interfaces: `xdp_nat`, which the object must have,
+/// and `tc_nat` where it has it (without it no interface can have `hook = "tc"`, which
+/// attaching reports).
+fn load_entry_programs(ebpf: &mut Ebpf) -> Result<()> {
+    if !load_program(ebpf, XDP_PROGRAM, ProgramKind::Xdp)? {
+        bail!("the object has no program {XDP_PROGRAM}");
+    }
+    if !load_program(ebpf, TC_PROGRAM, ProgramKind::Tc)? {
+        debug!("the object has no TC program {TC_PROGRAM}: the TC hook is unavailable");
+    }
+    Ok(())
+}
+
+/// Loads the programs `xdp_nat` reaches by tail call and puts them in `PROGRAMS`, and their
+/// TC twins, which `tc_nat` reaches, in `TC_PROGRAMS`. Until they are there, packets that
+/// would start a session are refused (`new_flow_unavailable`) and ICMP errors dropped
+/// (`icmp_error_unavailable`), never passed untranslated.
 fn install_tail_call_programs(ebpf: &mut Ebpf) -> Result<()> {
-    for (name, slot) in [
-        (XDP_CLAIM_PROGRAM, CLAIM_SLOT),
-        (XDP_RULES_PROGRAM, RULES_SLOT),
-        (XDP_NEW_FLOW_PROGRAM, NEW_FLOW_SLOT),
-        (XDP_ICMP_ERROR_PROGRAM, ICMP_ERROR_SLOT),
-        (XDP_TOO_BIG_PROGRAM, TOO_BIG_SLOT),
-    ] {
-        let Some(program) = ebpf.program_mut(name) else {
-            // An object without connection tracking has no such programs.
+    install_chain(ebpf, ProgramKind::Xdp, PROGRAMS, &XDP_TAIL_CALLS)?;
+    install_chain(ebpf, ProgramKind::Tc, TC_PROGRAMS, &TC_TAIL_CALLS)
+}
+
+/// Loads each program of `chain` the object has and puts it in the program array `array` at
+/// its slot. An object without connection tracking has none of them, one without the TC hook
+/// none of the TC ones: those are skipped.
+fn install_chain(
+    ebpf: &mut Ebpf,
+    kind: ProgramKind,
+    array: &str,
+    chain: &[(&str, u32)],
+) -> Result<()> {
+    for &(name, slot) in chain {
+        if !load_program(ebpf, name, kind)? {
             continue;
-        };
-        let program: &mut Xdp = program
-            .try_into()
-            .with_context(|| format!("{name}: program type"))?;
-        program
-            .load()
-            .with_context(|| format!("the kernel verifier rejected the XDP program {name}"))?;
-        let fd = program
-            .fd()
-            .with_context(|| format!("{name}: program file descriptor"))?
-            .try_clone()
-            .with_context(|| format!("{name}: duplicating the program fd"))?;
+        }
+        let fd = program_fd(ebpf, name)?;
         let map = ebpf
-            .map_mut(PROGRAMS)
-            .ok_or_else(|| anyhow!("the object has {name} but no {PROGRAMS} map"))?;
+            .map_mut(array)
+            .ok_or_else(|| anyhow!("the object has {name} but no {array} map"))?;
         let mut programs: ProgramArray<&mut MapData> =
-            ProgramArray::try_from(map).context("opening the program array")?;
+            ProgramArray::try_from(map).with_context(|| format!("opening {array}"))?;
         programs
             .set(slot, &fd, 0)
-            .with_context(|| format!("installing {name} in {PROGRAMS}[{slot}]"))?;
+            .with_context(|| format!("installing {name} in {array}[{slot}]"))?;
     }
     Ok(())
 }
@@ -204,8 +284,9 @@ pub struct Dataplane {
     state: Option<pinned::StateDir>,
     /// Counter slot -> rule id, pinned with the state.
     slot_table: Option<Array<MapData, u32>>,
-    /// This program generation's pinned tail-call table.
-    programs_pin: Option<PathBuf>,
+    /// Where this program generation's tail-call tables (`PROGRAMS`, and `TC_PROGRAMS` when
+    /// the object has it) are pinned; empty without pinned state.
+    programs_pins: Vec<PathBuf>,
     /// The connection-tracking tables; `None` when the object has none (a build without
     /// connection tracking): then stateful and SNAT rules are refused.
     sessions: Option<KernelSessions>,
@@ -239,8 +320,9 @@ impl Dataplane {
             loader.map_max_entries(name, options.max_sessions);
         }
         // Pinned maps are reused when their pin exists (checked by `StateDir::open`), else
-        // created and pinned. Each load gets its own tail-call table (see `pinned`).
-        let mut programs_pin = None;
+        // created and pinned. Each load gets its own tail-call tables (see `pinned`); a name
+        // the object lacks is ignored by aya, so no table is pinned for it.
+        let mut programs_pins = Vec::new();
         if let Some(state) = &state {
             for name in pinned::PINNED_MAPS {
                 loader.map_pin_path(name, state.map_path(name));
@@ -252,19 +334,15 @@ impl Dataplane {
                 .to_string();
             let path = state.programs_path(&tag);
             loader.map_pin_path(PROGRAMS, path.clone());
-            programs_pin = Some(path);
+            programs_pins.push(path);
+            let path = state.tc_programs_path(&tag);
+            loader.map_pin_path(TC_PROGRAMS, path.clone());
+            programs_pins.push(path);
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the XDP object into the kernel")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or_else(|| anyhow!("the object has no program {XDP_PROGRAM}"))?
-            .try_into()
-            .context("program type")?;
-        program
-            .load()
-            .context("the kernel verifier rejected the XDP program")?;
+        load_entry_programs(&mut ebpf)?;
         install_tail_call_programs(&mut ebpf)?;
         let sessions = take_conntrack_maps(&mut ebpf)?;
         if sessions.is_none() {
@@ -281,7 +359,7 @@ impl Dataplane {
             applied: Compiled::default(),
             state,
             slot_table,
-            programs_pin,
+            programs_pins,
         };
         if dataplane.state.as_ref().is_some_and(|s| s.reused) {
             dataplane.adopt_pinned_rules()?;

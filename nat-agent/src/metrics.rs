@@ -14,7 +14,7 @@ use prometheus::{
 use crate::{
     dataplane::StatsSnapshot,
     gc::{protocol_name, PortUse, ProtoCounts},
-    model::XdpMode,
+    model::Hook,
 };
 use nat_common::{
     route_cache::RouteCacheResult,
@@ -61,8 +61,8 @@ pub struct ScrapeView {
     pub stats: StatsSnapshot,
     /// Every configured rule.
     pub rules: Vec<RuleInfo>,
-    /// (interface, mode actually attached).
-    pub attachments: Vec<(String, XdpMode)>,
+    /// (interface, hook and XDP mode actually attached).
+    pub attachments: Vec<(String, Hook)>,
     /// Generation of the config in force (1 for the first applied).
     pub generation: u64,
     /// Connection tracking; `None` when the loaded object has none.
@@ -322,9 +322,9 @@ impl Metrics {
             self.rules.with_label_values(&[kind.as_str()]).set(n as i64);
         }
         self.attached.reset();
-        for (iface, mode) in &view.attachments {
+        for (iface, hook) in &view.attachments {
             self.attached
-                .with_label_values(&[iface.as_str(), mode.as_str()])
+                .with_label_values(&[iface.as_str(), hook.mode()])
                 .set(1);
         }
         self.generation.set(view.generation as i64);
@@ -416,6 +416,7 @@ fn set_by_index(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::XdpMode;
     use nat_common::stats::RuleCounters;
 
     #[test]
@@ -427,7 +428,10 @@ mod tests {
                 slot: 3,
                 kind: RuleKind::Dnat,
             }],
-            attachments: vec![("n0".into(), XdpMode::Native)],
+            attachments: vec![
+                ("n0".into(), Hook::Xdp(XdpMode::Native)),
+                ("n1".into(), Hook::Tc),
+            ],
             generation: 1,
             ..Default::default()
         };
@@ -450,6 +454,7 @@ mod tests {
         assert!(text.contains("xdpnat_rule_packets_total{direction=\"original\",rule=\"web\"} 5"));
         assert!(text.contains("xdpnat_rule_bytes_total{direction=\"reply\",rule=\"web\"} 400"));
         assert!(text.contains("xdpnat_interface_attached{interface=\"n0\",mode=\"native\"} 1"));
+        assert!(text.contains("xdpnat_interface_attached{interface=\"n1\",mode=\"tc\"} 1"));
         // A second render after the rule is gone drops its series.
         view.rules.clear();
         let text = m.render(&view).unwrap();

@@ -52,13 +52,43 @@ impl XdpMode {
     }
 }
 
+/// The kernel hook that runs the translation on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP in the given mode: the earliest hook, the cheapest per packet.
+    Xdp(XdpMode),
+    /// TC ingress (`cls_bpf` through a TCX link): runs on socket buffers, so GSO/GRO
+    /// super-packets are translated once each, and attaching it leaves the peer of a veth its
+    /// segmentation offload (attaching XDP to a veth takes it away).
+    Tc,
+}
+
+impl Hook {
+    /// The config spelling (`hook = ...`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Xdp(_) => "xdp",
+            Hook::Tc => "tc",
+        }
+    }
+
+    /// How status and metrics show the attachment: the XDP mode (`native`, `generic`; `auto`
+    /// for a link taken over from an earlier run), or `tc`.
+    pub fn mode(self) -> &'static str {
+        match self {
+            Hook::Xdp(mode) => mode.as_str(),
+            Hook::Tc => "tc",
+        }
+    }
+}
+
 /// An interface to attach to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
     /// Kernel interface name.
     pub name: String,
-    /// Attach mode.
-    pub mode: XdpMode,
+    /// The hook, and for XDP its attach mode.
+    pub hook: Hook,
     /// Who forwards translated packets arriving on this interface.
     pub forwarding: Forwarding,
 }
@@ -68,8 +98,9 @@ pub struct Interface {
 pub enum Forwarding {
     /// The kernel (XDP_PASS after translation): its routing, netfilter and qdiscs apply.
     Kernel,
-    /// The XDP program (FIB lookup, MAC rewrite, TTL decrement, redirect or XDP_TX); what XDP
-    /// cannot finish still goes to the kernel.
+    /// The program itself (FIB lookup, MAC rewrite, TTL decrement, then XDP redirect or
+    /// XDP_TX, or on the TC hook `bpf_redirect`); what it cannot finish still goes to the
+    /// kernel.
     Xdp,
 }
 
@@ -473,19 +504,7 @@ fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) 
                 message: "listed twice".into(),
             });
         }
-        let mode = match entry.xdp_mode.as_deref() {
-            None | Some("auto") => Some(XdpMode::Auto),
-            Some("native") => Some(XdpMode::Native),
-            Some("generic") => Some(XdpMode::Generic),
-            Some(other) => {
-                problems.push(Problem {
-                    place: place.clone(),
-                    field: Some("xdp_mode"),
-                    message: format!("{other:?} is not one of \"auto\", \"native\", \"generic\""),
-                });
-                None
-            }
-        };
+        let hook = interface_hook(entry, &place, problems);
         let forwarding = match entry.forwarding.as_deref() {
             None | Some("kernel") => Forwarding::Kernel,
             Some("xdp") => Forwarding::Xdp,
@@ -498,15 +517,63 @@ fn validate_interfaces(entries: &[InterfaceEntry], problems: &mut Vec<Problem>) 
                 Forwarding::Kernel
             }
         };
-        if let (true, Some(mode)) = (name_ok, mode) {
+        if let (true, Some(hook)) = (name_ok, hook) {
             out.push(Interface {
                 name: entry.name.clone(),
-                mode,
+                hook,
                 forwarding,
             });
         }
     }
     out
+}
+
+/// An interface's `hook` and, for XDP, its `xdp_mode`; `None` (with the problems recorded)
+/// when either is wrong.
+fn interface_hook(
+    entry: &InterfaceEntry,
+    place: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Hook> {
+    let mut problem = |field, message| {
+        problems.push(Problem {
+            place: place.to_string(),
+            field: Some(field),
+            message,
+        })
+    };
+    let tc = match entry.hook.as_deref() {
+        None | Some("xdp") => Some(false),
+        Some("tc") => Some(true),
+        Some(other) => {
+            problem("hook", format!("{other:?} is not one of \"xdp\", \"tc\""));
+            None
+        }
+    };
+    if tc == Some(true) {
+        if entry.xdp_mode.is_some() {
+            // Whatever its value: it would silently mean nothing.
+            problem(
+                "xdp_mode",
+                "applies to hook = \"xdp\" only; leave it out with hook = \"tc\"".into(),
+            );
+            return None;
+        }
+        return Some(Hook::Tc);
+    }
+    let mode = match entry.xdp_mode.as_deref() {
+        None | Some("auto") => Some(XdpMode::Auto),
+        Some("native") => Some(XdpMode::Native),
+        Some("generic") => Some(XdpMode::Generic),
+        Some(other) => {
+            problem(
+                "xdp_mode",
+                format!("{other:?} is not one of \"auto\", \"native\", \"generic\""),
+            );
+            None
+        }
+    };
+    tc.and(mode).map(Hook::Xdp)
 }
 
 /// What the kernel accepts as an interface name (IFNAMSIZ, no path or alias characters).
@@ -788,4 +855,89 @@ fn parse_ports_or_start(spec: &PortSpec, len: u32) -> Result<PortRange, String> 
         min: r.min,
         max: max as u16,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(
+        hook: Option<&str>,
+        xdp_mode: Option<&str>,
+        forwarding: Option<&str>,
+    ) -> InterfaceEntry {
+        InterfaceEntry {
+            name: "nat0".into(),
+            hook: hook.map(Into::into),
+            xdp_mode: xdp_mode.map(Into::into),
+            forwarding: forwarding.map(Into::into),
+        }
+    }
+
+    fn check(entry: InterfaceEntry) -> (Vec<Interface>, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let out = validate_interfaces(&[entry], &mut problems);
+        (out, problems)
+    }
+
+    #[test]
+    fn hook_defaults_to_xdp_auto() {
+        let (out, problems) = check(entry(None, None, None));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(out[0].hook, Hook::Xdp(XdpMode::Auto));
+        assert_eq!(out[0].forwarding, Forwarding::Kernel);
+        let (out, _) = check(entry(Some("xdp"), Some("generic"), None));
+        assert_eq!(out[0].hook, Hook::Xdp(XdpMode::Generic));
+    }
+
+    #[test]
+    fn tc_hook_keeps_forwarding() {
+        for (forwarding, want) in [
+            (None, Forwarding::Kernel),
+            (Some("kernel"), Forwarding::Kernel),
+            (Some("xdp"), Forwarding::Xdp),
+        ] {
+            let (out, problems) = check(entry(Some("tc"), None, forwarding));
+            assert!(problems.is_empty(), "{problems:?}");
+            assert_eq!(out[0].hook, Hook::Tc);
+            assert_eq!(out[0].forwarding, want);
+        }
+        assert_eq!(Hook::Tc.mode(), "tc");
+        assert_eq!(Hook::Tc.name(), "tc");
+        assert_eq!(Hook::Xdp(XdpMode::Native).mode(), "native");
+    }
+
+    #[test]
+    fn unknown_hook_is_a_problem() {
+        let (out, problems) = check(entry(Some("tcx"), None, None));
+        assert!(out.is_empty());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].place, "interface \"nat0\"");
+        assert_eq!(problems[0].field, Some("hook"));
+        assert!(
+            problems[0].message.contains("\"tcx\""),
+            "{}",
+            problems[0].message
+        );
+    }
+
+    #[test]
+    fn xdp_mode_with_tc_hook_is_a_problem() {
+        for mode in ["auto", "native", "generic", "turbo"] {
+            let (out, problems) = check(entry(Some("tc"), Some(mode), None));
+            assert!(out.is_empty(), "{mode}");
+            // One problem whatever the value: the field does not belong with this hook.
+            assert_eq!(problems.len(), 1, "{mode}: {problems:?}");
+            assert_eq!(problems[0].field, Some("xdp_mode"));
+            assert!(problems[0].message.contains("hook = \"tc\""));
+        }
+    }
+
+    #[test]
+    fn unknown_hook_and_bad_mode_are_both_reported() {
+        let (out, problems) = check(entry(Some("ebpf"), Some("turbo"), Some("fast")));
+        assert!(out.is_empty());
+        let fields: Vec<_> = problems.iter().map(|p| p.field.unwrap()).collect();
+        assert_eq!(fields, ["hook", "xdp_mode", "forwarding"]);
+    }
 }

@@ -393,9 +393,9 @@ impl Owner {
             interfaces: self
                 .dataplane
                 .attachments()
-                .map(|(name, mode)| InterfaceStatus {
+                .map(|(name, hook)| InterfaceStatus {
                     name: name.to_string(),
-                    xdp_mode: mode.as_str().to_string(),
+                    xdp_mode: hook.mode().to_string(),
                 })
                 .collect(),
             sessions: self.gc.as_ref().map(|gc| SessionsStatus {

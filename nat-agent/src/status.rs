@@ -69,7 +69,8 @@ pub struct LastApply {
 pub struct InterfaceStatus {
     /// Kernel name.
     pub name: String,
-    /// `native` or `generic`: the mode actually attached.
+    /// `native` or `generic`: the XDP mode actually attached; `tc` for an interface on the
+    /// TC hook (`hook = "tc"`).
     pub xdp_mode: String,
 }
 

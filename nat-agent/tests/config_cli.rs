@@ -256,6 +256,22 @@ fn bad_cases() -> Vec<BadCase> {
             problems: vec![&["interface \"nat0\"", "field `xdp_mode`", "\"turbo\""]],
         },
         BadCase {
+            label: "bad-hook",
+            text: format!(
+                "[[interfaces]]\nname = \"nat0\"\nhook = \"tcx\"\n\n{}",
+                rule(10, "web", "198.18.100.10", "198.18.1.10")
+            ),
+            problems: vec![&["interface \"nat0\"", "field `hook`", "\"tcx\""]],
+        },
+        BadCase {
+            label: "xdp-mode-with-tc-hook",
+            text: format!(
+                "[[interfaces]]\nname = \"nat0\"\nhook = \"tc\"\nxdp_mode = \"native\"\n\n{}",
+                rule(10, "web", "198.18.100.10", "198.18.1.10")
+            ),
+            problems: vec![&["interface \"nat0\"", "field `xdp_mode`", "hook = \"tc\""]],
+        },
+        BadCase {
             label: "no-interfaces",
             text: rule(10, "web", "198.18.100.10", "198.18.1.10"),
             problems: vec![&["[[interfaces]]", "no interface"]],

@@ -2,8 +2,8 @@
 //! `docs/metrics.md`.
 //!
 //! The agent's metrics are rendered by the real `Metrics::render` from a `ScrapeView` that
-//! exercises every family (DNAT and SNAT rules, conntrack with ports of every protocol, two
-//! attachments in both modes). Then, family by family: it is documented, with the same type,
+//! exercises every family (DNAT and SNAT rules, conntrack with ports of every protocol, three
+//! attachments in every mode). Then, family by family: it is documented, with the same type,
 //! the same label names and, where the doc lists a label's values, the same values; and the doc
 //! lists nothing the agent does not export. The `Reasons` section's examples must still be
 //! reasons with the action the doc gives them (the list itself is `Reason::ALL`, not the doc).
@@ -23,7 +23,7 @@ use nat_agent::{
     dataplane::StatsSnapshot,
     gc::{PortUse, ProtoCounts},
     metrics::{ConntrackView, Metrics, RuleInfo, RuleKind, ScrapeView},
-    model::XdpMode,
+    model::{Hook, XdpMode},
     status::ApplyCounts,
 };
 use nat_common::{
@@ -176,8 +176,9 @@ fn representative_view() -> ScrapeView {
             rule("platform-exempt", 2, RuleKind::Snat),
         ],
         attachments: vec![
-            ("eth0".into(), XdpMode::Native),
-            ("eth1".into(), XdpMode::Generic),
+            ("eth0".into(), Hook::Xdp(XdpMode::Native)),
+            ("eth1".into(), Hook::Xdp(XdpMode::Generic)),
+            ("veth0".into(), Hook::Tc),
         ],
         generation: 3,
         applies: ApplyCounts::default().all(),

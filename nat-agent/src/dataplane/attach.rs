@@ -1,48 +1,66 @@
-//! Attaching the program to interfaces, and detaching it: through links the agent owns, or,
-//! with pinned state, through links pinned in bpffs that keep the program attached when the
-//! agent stops and into which a new agent swaps its program atomically.
+//! Attaching the program to interfaces, and detaching it: `xdp_nat` through XDP links, or
+//! `tc_nat` at TC ingress through TCX links (`hook = "tc"`). Through links the agent owns,
+//! or, with pinned state, through links pinned in bpffs that keep the program attached when
+//! the agent stops and into which a new agent swaps its program atomically.
 
-use anyhow::{anyhow, Context, Result};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, HashMap as AyaHashMap, MapData},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkType, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
         xdp::{XdpLink, XdpLinkId},
-        Xdp, XdpMode as AyaXdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
     },
 };
 use nat_common::maps::{
-    FORWARD_XDP, IFACE_FLAGS, IFACE_FLAG_SLOTS, IFACE_FORWARD, IFACE_KNOWN, XDP_PROGRAM,
+    FORWARD_XDP, IFACE_FLAGS, IFACE_FLAG_SLOTS, IFACE_FORWARD, IFACE_KNOWN, TC_PROGRAM, XDP_PROGRAM,
 };
 use tracing::{info, warn};
 
 use super::{is_absent_key, pinned, Dataplane};
-use crate::model::{Forwarding, Interface, XdpMode};
+use crate::model::{Forwarding, Hook, Interface, XdpMode};
+
+/// A link kept by the program that made or took it over.
+#[derive(Debug)]
+pub(super) enum LinkId {
+    /// Of `xdp_nat`.
+    Xdp(XdpLinkId),
+    /// Of `tc_nat` (a TCX link).
+    Tc(SchedClassifierLinkId),
+}
 
 /// How the program is attached to one interface.
 pub(super) enum Link {
     /// A link this agent owns: detaching (or stopping) ends it.
-    Owned(XdpLinkId),
+    Owned(LinkId),
     /// A link pinned in bpffs by this agent: it outlives the agent.
     Pinned(PinnedLink),
     /// A pinned link of an earlier run, now running this agent's program (owned through the
     /// program, but its pin keeps it alive when the agent stops).
-    Adopted(XdpLinkId),
+    Adopted(LinkId),
 }
 
 /// One attachment.
 pub(super) struct Attachment {
     pub(super) interface: String,
-    pub(super) mode: XdpMode,
+    /// The hook, with the XDP mode it got (for a link taken over, the configured mode).
+    pub(super) hook: Hook,
     pub(super) link: Link,
 }
 
 impl Dataplane {
-    /// Attaches to every interface, honouring each one's mode; with pinned state, swaps this
-    /// program into the links of an earlier run instead (atomically: no packet goes
-    /// untranslated) and detaches interfaces that left the config. On failure, what this call
-    /// attached afresh is detached again so nothing is left half done.
+    /// Attaches to every interface, honouring each one's hook and mode; with pinned state,
+    /// swaps this program into the links of an earlier run instead (atomically: no packet goes
+    /// untranslated; a link of the other hook is replaced, with a gap: see `take_over`) and
+    /// detaches interfaces that left the config. On failure, what this call attached afresh is
+    /// detached again so nothing is left half done.
     pub fn attach_all(&mut self, interfaces: &[Interface]) -> Result<()> {
+        // Before anything is touched: a hook this object cannot serve must not cost an
+        // interface the link of an earlier run.
+        self.check_hooks(interfaces)?;
         for iface in interfaces {
             if let Err(e) = self.attach(iface) {
                 self.undo_fresh_attachments();
@@ -53,15 +71,23 @@ impl Dataplane {
             for (name, path) in state.pinned_links()? {
                 if !interfaces.iter().any(|i| i.name == name) {
                     pinned::unpin_link(&path)?;
-                    info!(interface = %name, "interface left the config: XDP program detached");
+                    info!(interface = %name, "interface left the config: program detached");
                 }
             }
-            if let Some(keep) = &self.programs_pin {
-                for stale in state.other_programs(keep)? {
-                    std::fs::remove_file(&stale)
-                        .with_context(|| format!("removing {}", stale.display()))?;
-                }
+            let keep: Vec<&Path> = self.programs_pins.iter().map(|p| p.as_path()).collect();
+            for stale in state.other_programs(&keep)? {
+                std::fs::remove_file(&stale)
+                    .with_context(|| format!("removing {}", stale.display()))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses interfaces whose hook the loaded object has no program for.
+    fn check_hooks(&mut self, interfaces: &[Interface]) -> Result<()> {
+        if let Some(iface) = interfaces.iter().find(|i| i.hook == Hook::Tc) {
+            self.tc_program()
+                .with_context(|| format!("interface {} has hook = \"tc\"", iface.name))?;
         }
         Ok(())
     }
@@ -74,11 +100,26 @@ impl Dataplane {
             .context("program type")
     }
 
+    fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or_else(|| {
+                anyhow!(
+                    "the TC hook is unavailable: this build's eBPF object has no program \
+                     {TC_PROGRAM}; use hook = \"xdp\""
+                )
+            })?
+            .try_into()
+            .context("program type")
+    }
+
     fn attach(&mut self, iface: &Interface) -> Result<()> {
         let pin = self.state.as_ref().map(|s| s.link_path(&iface.name));
         if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
-            match self.adopt(iface, path) {
-                Ok(()) => return self.set_forwarding(iface),
+            match self.take_over(iface, path) {
+                Ok(true) => return self.set_forwarding(iface),
+                // The hook changed: the old link is gone.
+                Ok(false) => {}
                 Err(e) => {
                     // The interface may have been deleted and created again: its old link is
                     // dead. Drop it and attach afresh.
@@ -87,74 +128,125 @@ impl Dataplane {
                 }
             }
         }
-        let (id, mode) = self.attach_new(iface)?;
+        let (id, hook) = self.attach_new(iface)?;
         let link = match pin {
-            Some(path) => {
-                let owned = self
-                    .xdp_program()?
-                    .take_link(id)
-                    .context("taking the new link")?;
-                let fd = FdLink::try_from(owned).context("the XDP link is not a bpf_link")?;
-                Link::Pinned(
-                    fd.pin(&path)
-                        .with_context(|| format!("pinning the link at {}", path.display()))?,
-                )
-            }
+            Some(path) => Link::Pinned(
+                self.take_fd_link(id)?
+                    .pin(&path)
+                    .with_context(|| format!("pinning the link at {}", path.display()))?,
+            ),
             None => Link::Owned(id),
         };
-        info!(interface = %iface.name, mode = mode.as_str(), forwarding = iface.forwarding.as_str(), pinned = matches!(link, Link::Pinned(_)), "XDP program attached");
+        info!(interface = %iface.name, hook = hook.name(), mode = hook.mode(), forwarding = iface.forwarding.as_str(), pinned = matches!(link, Link::Pinned(_)), "program attached");
         self.attached.push(Attachment {
             interface: iface.name.clone(),
-            mode,
+            hook,
             link,
         });
         self.set_forwarding(iface)
     }
 
-    /// Swaps this program into the pinned link at `path`.
-    fn adopt(&mut self, iface: &Interface, path: &std::path::Path) -> Result<()> {
+    /// Takes over the link an earlier run pinned at `path` for `iface`. Of the hook `iface`
+    /// asks for, this program is swapped into it (`Ok(true)`). Of the other hook (the config
+    /// changed `hook`), it is unpinned, which detaches it, and the caller attaches afresh
+    /// (`Ok(false)`): the two hooks cannot hand over atomically, and both at once would
+    /// translate twice.
+    fn take_over(&mut self, iface: &Interface, path: &Path) -> Result<bool> {
         let pinned =
             PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).context("not an XDP link")?;
-        let id = self
-            .xdp_program()?
-            .attach_to_link(link)
-            .context("bpf_link_update")?;
-        info!(interface = %iface.name, "XDP program replaced in the pinned link (atomically)");
+        let link = FdLink::from(pinned);
+        let pinned_hook = link_hook(&link).with_context(|| path.display().to_string())?;
+        if pinned_hook != iface.hook.name() {
+            drop(link);
+            pinned::unpin_link(path)?;
+            info!(interface = %iface.name, from = pinned_hook, to = iface.hook.name(), "hook changed: the pinned link of the last run is detached; this interface is not translated until the new hook is attached (a brief gap)");
+            return Ok(false);
+        }
+        self.adopt(iface, link)?;
+        Ok(true)
+    }
+
+    /// Swaps this agent's program of `iface`'s hook into `link`, a link of that hook.
+    fn adopt(&mut self, iface: &Interface, link: FdLink) -> Result<()> {
+        let id = match iface.hook {
+            Hook::Xdp(_) => {
+                let link = XdpLink::try_from(link).context("not an XDP link")?;
+                LinkId::Xdp(
+                    self.xdp_program()?
+                        .attach_to_link(link)
+                        .context("bpf_link_update")?,
+                )
+            }
+            Hook::Tc => {
+                let link = SchedClassifierLink::try_from(link).context("not a TCX link")?;
+                LinkId::Tc(
+                    self.tc_program()?
+                        .attach_to_link(link)
+                        .context("bpf_link_update")?,
+                )
+            }
+        };
+        info!(interface = %iface.name, hook = iface.hook.name(), "program replaced in the pinned link (atomically)");
         self.attached.push(Attachment {
             interface: iface.name.clone(),
-            mode: iface.mode,
+            hook: iface.hook,
             link: Link::Adopted(id),
         });
         Ok(())
     }
 
-    fn attach_new(&mut self, iface: &Interface) -> Result<(XdpLinkId, XdpMode)> {
+    /// Attaches afresh; returns the link and the hook with the XDP mode it got.
+    fn attach_new(&mut self, iface: &Interface) -> Result<(LinkId, Hook)> {
+        Ok(match iface.hook {
+            Hook::Xdp(mode) => {
+                let (id, mode) = self.attach_xdp(&iface.name, mode)?;
+                (LinkId::Xdp(id), Hook::Xdp(mode))
+            }
+            Hook::Tc => (LinkId::Tc(self.attach_tc(&iface.name)?), Hook::Tc),
+        })
+    }
+
+    /// Attaches `tc_nat` at `interface`'s TC ingress through a TCX link, after any TCX
+    /// programs already there. Always TCX, never the netlink `cls_bpf` filter older kernels
+    /// would need: only a bpf_link can be pinned and have its program swapped atomically.
+    fn attach_tc(&mut self, interface: &str) -> Result<SchedClassifierLinkId> {
+        self.tc_program()?
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| {
+                format!(
+                    "attaching {TC_PROGRAM} to {interface} at TC ingress (a TCX link, which \
+                     needs Linux 6.6 or later)"
+                )
+            })
+    }
+
+    fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(XdpLinkId, XdpMode)> {
         let program = self.xdp_program()?;
-        Ok(match iface.mode {
+        Ok(match mode {
             XdpMode::Native => (
                 program
-                    .attach(&iface.name, AyaXdpMode::Driver)
-                    .with_context(|| format!("attaching to {} in native mode", iface.name))?,
+                    .attach(interface, AyaXdpMode::Driver)
+                    .with_context(|| format!("attaching to {interface} in native mode"))?,
                 XdpMode::Native,
             ),
             XdpMode::Generic => (
                 program
-                    .attach(&iface.name, AyaXdpMode::Skb)
-                    .with_context(|| format!("attaching to {} in generic mode", iface.name))?,
+                    .attach(interface, AyaXdpMode::Skb)
+                    .with_context(|| format!("attaching to {interface} in generic mode"))?,
                 XdpMode::Generic,
             ),
-            XdpMode::Auto => match program.attach(&iface.name, AyaXdpMode::Driver) {
+            XdpMode::Auto => match program.attach(interface, AyaXdpMode::Driver) {
                 Ok(link) => (link, XdpMode::Native),
                 Err(native_err) => {
-                    warn!(interface = %iface.name, error = %native_err, "native XDP refused; falling back to generic mode");
+                    warn!(interface = %interface, error = %native_err, "native XDP refused; falling back to generic mode");
                     let link = program
-                        .attach(&iface.name, AyaXdpMode::Skb)
+                        .attach(interface, AyaXdpMode::Skb)
                         .with_context(|| {
-                            format!(
-                                "attaching to {} (native: {native_err}; generic)",
-                                iface.name
-                            )
+                            format!("attaching to {interface} (native: {native_err}; generic)")
                         })?;
                     (link, XdpMode::Generic)
                 }
@@ -162,9 +254,40 @@ impl Dataplane {
         })
     }
 
+    /// Detaches link `id` (one this agent owns).
+    fn detach_link(&mut self, id: LinkId) -> Result<()> {
+        match id {
+            LinkId::Xdp(id) => self.xdp_program()?.detach(id)?,
+            LinkId::Tc(id) => self.tc_program()?.detach(id)?,
+        }
+        Ok(())
+    }
+
+    /// Takes link `id` out of its program's keeping as an fd link: pinned, it outlives the
+    /// agent; dropped, only the agent's handle closes (a link still pinned stays attached).
+    fn take_fd_link(&mut self, id: LinkId) -> Result<FdLink> {
+        match id {
+            LinkId::Xdp(id) => {
+                let link = self
+                    .xdp_program()?
+                    .take_link(id)
+                    .context("taking the XDP link")?;
+                FdLink::try_from(link).context("the XDP link is not a bpf_link")
+            }
+            LinkId::Tc(id) => {
+                let link = self
+                    .tc_program()?
+                    .take_link(id)
+                    .context("taking the TC link")?;
+                FdLink::try_from(link).context("the TC link is not a bpf_link")
+            }
+        }
+    }
+
     /// Tells the program who forwards translated packets arriving on `iface`: in the pinned
     /// `IFACE_FORWARD`, and in this program generation's fast copy `IFACE_FLAGS` where the
-    /// interface index fits it.
+    /// interface index fits it. The same for both hooks: `FORWARD_XDP` means "the program
+    /// forwards" (XDP redirect, or `bpf_redirect` from TC).
     fn set_forwarding(&mut self, iface: &Interface) -> Result<()> {
         let ifindex = crate::sysctl::ifindex(&iface.name)?;
         let map = self
@@ -204,10 +327,10 @@ impl Dataplane {
             .with_context(|| format!("writing {IFACE_FLAGS} for {}", iface.name))
     }
 
-    /// Interfaces attached and the mode each one got (for a link taken over from an earlier
-    /// run, the configured mode).
-    pub fn attachments(&self) -> impl Iterator<Item = (&str, XdpMode)> {
-        self.attached.iter().map(|a| (a.interface.as_str(), a.mode))
+    /// Interfaces attached and the hook and XDP mode each one got (for a link taken over from
+    /// an earlier run, the configured mode).
+    pub fn attachments(&self) -> impl Iterator<Item = (&str, Hook)> {
+        self.attached.iter().map(|a| (a.interface.as_str(), a.hook))
     }
 
     /// Lets go of every attachment. Links this agent owns end, so the program is detached;
@@ -215,21 +338,22 @@ impl Dataplane {
     pub fn detach_all(&mut self) {
         let attached: Vec<Attachment> = self.attached.drain(..).collect();
         for a in attached {
+            let hook = a.hook.name();
             match a.link {
-                Link::Owned(id) => match self.xdp_program().and_then(|p| Ok(p.detach(id)?)) {
-                    Ok(()) => info!(interface = %a.interface, "XDP program detached"),
+                Link::Owned(id) => match self.detach_link(id) {
+                    Ok(()) => info!(interface = %a.interface, hook, "program detached"),
                     Err(e) => {
-                        warn!(interface = %a.interface, error = %format!("{e:#}"), "detaching failed")
+                        warn!(interface = %a.interface, hook, error = %format!("{e:#}"), "detaching failed")
                     }
                 },
                 Link::Pinned(link) => {
                     drop(link);
-                    info!(interface = %a.interface, "XDP program left attached (pinned link)");
+                    info!(interface = %a.interface, hook, "program left attached (pinned link)");
                 }
                 Link::Adopted(id) => {
                     // Closing the agent's handle; the pin keeps the link and the program.
-                    let _ = self.xdp_program().map(|p| p.take_link(id));
-                    info!(interface = %a.interface, "XDP program left attached (pinned link)");
+                    let _ = self.take_fd_link(id);
+                    info!(interface = %a.interface, hook, "program left attached (pinned link)");
                 }
             }
         }
@@ -243,7 +367,7 @@ impl Dataplane {
         for a in attached {
             match a.link {
                 Link::Owned(id) => {
-                    let _ = self.xdp_program().map(|p| p.detach(id));
+                    let _ = self.detach_link(id);
                 }
                 Link::Pinned(link) => {
                     if let Err(e) = link.unpin() {
@@ -251,9 +375,22 @@ impl Dataplane {
                     }
                 }
                 Link::Adopted(id) => {
-                    let _ = self.xdp_program().map(|p| p.take_link(id));
+                    let _ = self.take_fd_link(id);
                 }
             }
         }
+    }
+}
+
+/// The hook (config spelling) of a link found pinned.
+fn link_hook(link: &FdLink) -> Result<&'static str> {
+    let kind = link
+        .info()
+        .and_then(|info| info.link_type())
+        .context("reading the link's type")?;
+    match kind {
+        LinkType::Xdp => Ok("xdp"),
+        LinkType::Tcx => Ok("tc"),
+        other => bail!("a {other:?} link, neither XDP nor TCX"),
     }
 }

@@ -5,10 +5,11 @@
 //! name), `RULE_SLOTS` (counter slot -> rule id, so counters stay with their rules), one
 //! `PROGRAMS_<tag>` per program generation (a program array whose last user reference goes
 //! away is emptied by the kernel, so the tail-call table of the program that is attached must
-//! stay pinned while it runs), and `link_<interface>` per attachment (bpffs refuses dots in
-//! names, so the interface name is `%XX`-escaped where needed). While the links are
-//! pinned the program keeps translating with no agent running; a new agent reuses the maps,
-//! loads its program and swaps it into each link atomically (`bpf_link_update`).
+//! stay pinned while it runs) and likewise `TC_PROGRAMS_<tag>` for the TC programs' table when
+//! the object has one, and `link_<interface>` per attachment, an XDP or a TCX link (bpffs
+//! refuses dots in names, so the interface name is `%XX`-escaped where needed). While the
+//! links are pinned the program keeps translating with no agent running; a new agent reuses
+//! the maps, loads its programs and swaps them into each link atomically (`bpf_link_update`).
 //!
 //! A directory of another schema, or a pinned map whose type or sizes differ from what this
 //! agent's object declares (a changed `max_sessions`, say), is never reused and never
@@ -35,8 +36,9 @@ use nat_common::maps::{
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The maps kept across restarts: sessions (with the filter that counts their keys), rules (both banks and the bank switch), counters
-/// and per-interface settings. `PROGRAMS` is pinned per program generation (see the module
-/// doc); the new-flow scratch and the log buffer belong to one program and are not kept.
+/// and per-interface settings. `PROGRAMS` and `TC_PROGRAMS` are pinned per program generation
+/// (see the module doc); the new-flow scratch and the log buffer belong to one program and are
+/// not kept.
 pub const PINNED_MAPS: [&str; 14] = [
     SESSIONS,
     REPLIES,
@@ -60,6 +62,8 @@ pub const RULE_SLOTS: &str = "RULE_SLOTS";
 // bpffs refuses names with a '.', which interface names may have (VLANs: `eth0.100`).
 const LINK_PREFIX: &str = "link_";
 const PROGRAMS_PREFIX: &str = "PROGRAMS_";
+// Not a prefix of the other: each names one table's generations only.
+const TC_PROGRAMS_PREFIX: &str = "TC_PROGRAMS_";
 
 /// An interface name as a bpffs file name: bytes other than letters, digits, `-` and `_`
 /// as `%XX`.
@@ -249,15 +253,23 @@ impl StateDir {
         self.dir.join(format!("{PROGRAMS_PREFIX}{tag}"))
     }
 
-    /// The pinned tail-call tables of other program generations.
-    pub fn other_programs(&self, keep: &Path) -> Result<Vec<PathBuf>> {
+    /// Where this program generation's `TC_PROGRAMS` is pinned.
+    pub fn tc_programs_path(&self, tag: &str) -> PathBuf {
+        self.dir.join(format!("{TC_PROGRAMS_PREFIX}{tag}"))
+    }
+
+    /// The pinned tail-call tables (XDP and TC) other than those in `keep`: those of other
+    /// program generations.
+    pub fn other_programs(&self, keep: &[&Path]) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
+        for entry in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("listing {}", self.dir.display()))?
+        {
             let path = entry?.path();
             let is_programs = path
                 .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(PROGRAMS_PREFIX));
-            if is_programs && path != keep {
+                .is_some_and(|n| is_program_table(&n.to_string_lossy()));
+            if is_programs && !keep.contains(&path.as_path()) {
                 out.push(path);
             }
         }
@@ -291,6 +303,11 @@ impl StateDir {
             Array::try_from(Map::Array(data)).with_context(|| format!("opening {}", path.display()))
         }
     }
+}
+
+/// Whether a pin name is that of a generation's tail-call table, XDP or TC.
+fn is_program_table(name: &str) -> bool {
+    name.starts_with(PROGRAMS_PREFIX) || name.starts_with(TC_PROGRAMS_PREFIX)
 }
 
 fn links_in(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
@@ -382,6 +399,23 @@ mod tests {
             assert_eq!(decode_name(&encoded).as_deref(), Some(name));
         }
         assert_eq!(decode_name("bad%2"), None);
+    }
+
+    #[test]
+    fn both_tail_call_tables_of_a_generation_are_recognised_and_distinct() {
+        let state = StateDir {
+            dir: PathBuf::from("/x/v2"),
+            reused: false,
+        };
+        let (xdp, tc) = (state.programs_path("17"), state.tc_programs_path("17"));
+        assert_ne!(xdp, tc);
+        for path in [&xdp, &tc] {
+            let name = path.file_name().unwrap().to_string_lossy();
+            assert!(is_program_table(&name), "{name}");
+        }
+        for name in ["link_eth0", "SESSIONS", "RULE_SLOTS", "IFACE_FORWARD"] {
+            assert!(!is_program_table(name), "{name}");
+        }
     }
 
     /// The layout `STATE_SCHEMA` stands for. When this fails, a pinned map changed: bump

@@ -193,6 +193,7 @@ fn config_of(interfaces: &[String], rules: &[ImportedRule]) -> ConfigFile {
             .iter()
             .map(|name| InterfaceEntry {
                 name: name.clone(),
+                hook: None,
                 xdp_mode: Some("auto".into()),
                 // The agent's default (the kernel forwards); an operator opts into XDP.
                 forwarding: None,

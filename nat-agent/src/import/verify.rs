@@ -19,6 +19,7 @@ pub(super) fn rule_problems(entry: &Entry) -> Option<String> {
         // Any valid name: interfaces are checked with the whole config.
         interfaces: vec![InterfaceEntry {
             name: "lo".into(),
+            hook: None,
             xdp_mode: None,
             forwarding: None,
         }],
