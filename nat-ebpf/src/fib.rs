@@ -24,6 +24,11 @@ use crate::zero::zero_fill;
 
 const AF_INET: u8 = 2;
 
+/// The length a question without a packet length of its own states: the smallest. With none
+/// (0), the skb flavour of the lookup (TC) checks the whole skb against the route's MTU
+/// instead, so a route question asked for a big packet would come back "fragmentation needed".
+const NO_LENGTH: u16 = 1;
+
 /// Where the FIB sends a packet.
 #[derive(Clone, Copy)]
 pub struct Egress {
@@ -50,6 +55,7 @@ fn request<'a, C: Frame>(
     params.ifindex = ctx.ingress_ifindex();
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    params.__bindgen_anon_1.tot_len = NO_LENGTH;
     params
 }
 
@@ -106,6 +112,9 @@ fn route_with_source<C: Frame>(ctx: &C, params: &mut FibParams) -> Option<Egress
 /// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
 pub fn egress<C: Frame>(ctx: &C, key: &FlowKey, tot_len: u16) -> Option<Egress> {
+    // A GSO super-packet is as long as its segments together; the forwarding stage has each
+    // segment checked against the MTU.
+    let tot_len = if ctx.is_gso() { NO_LENGTH } else { tot_len };
     let mut slot = MaybeUninit::uninit();
     route_with_source(ctx, flow_request(ctx, &mut slot, key, tot_len))
 }
