@@ -214,26 +214,25 @@ fn program_fd(ebpf: &Ebpf, name: &str) -> Result<ProgramFd> {
         .with_context(|| format!("{name}: duplicating the program fd"))
 }
 
-/// Loads the programs that are attached to interfaces: `xdp_nat`, which the object must have,
-/// and `tc_nat` where it has it (without it no interface can have `hook = "tc"`, which
-/// attaching reports).
-fn load_entry_programs(ebpf: &mut Ebpf) -> Result<()> {
+/// Loads `xdp_nat`, which the object must have, and the programs it reaches by tail call,
+/// which go into `PROGRAMS`. Until they are there, packets that would start a session are
+/// refused (`new_flow_unavailable`) and ICMP errors dropped (`icmp_error_unavailable`), never
+/// passed untranslated.
+fn load_xdp_programs(ebpf: &mut Ebpf) -> Result<()> {
     if !load_program(ebpf, XDP_PROGRAM, ProgramKind::Xdp)? {
         bail!("the object has no program {XDP_PROGRAM}");
     }
-    if !load_program(ebpf, TC_PROGRAM, ProgramKind::Tc)? {
-        debug!("the object has no TC program {TC_PROGRAM}: the TC hook is unavailable");
-    }
-    Ok(())
+    install_chain(ebpf, ProgramKind::Xdp, PROGRAMS, &XDP_TAIL_CALLS)
 }
 
-/// Loads the programs `xdp_nat` reaches by tail call and puts them in `PROGRAMS`, and their
-/// TC twins, which `tc_nat` reaches, in `TC_PROGRAMS`. Until they are there, packets that
-/// would start a session are refused (`new_flow_unavailable`) and ICMP errors dropped
-/// (`icmp_error_unavailable`), never passed untranslated.
-fn install_tail_call_programs(ebpf: &mut Ebpf) -> Result<()> {
-    install_chain(ebpf, ProgramKind::Xdp, PROGRAMS, &XDP_TAIL_CALLS)?;
-    install_chain(ebpf, ProgramKind::Tc, TC_PROGRAMS, &TC_TAIL_CALLS)
+/// Loads `tc_nat` and its TC twins of the tail-called programs, which go into `TC_PROGRAMS`.
+/// `Ok(false)` when the object has no `tc_nat`.
+fn load_tc_programs(ebpf: &mut Ebpf) -> Result<bool> {
+    if !load_program(ebpf, TC_PROGRAM, ProgramKind::Tc)? {
+        return Ok(false);
+    }
+    install_chain(ebpf, ProgramKind::Tc, TC_PROGRAMS, &TC_TAIL_CALLS)?;
+    Ok(true)
 }
 
 /// Loads each program of `chain` the object has and puts it in the program array `array` at
@@ -287,6 +286,8 @@ pub struct Dataplane {
     /// Where this program generation's tail-call tables (`PROGRAMS`, and `TC_PROGRAMS` when
     /// the object has it) are pinned; empty without pinned state.
     programs_pins: Vec<PathBuf>,
+    /// Whether the TC programs are loaded (see [`Dataplane::load_tc`]).
+    tc_loaded: bool,
     /// The connection-tracking tables; `None` when the object has none (a build without
     /// connection tracking): then stateful and SNAT rules are refused.
     sessions: Option<KernelSessions>,
@@ -342,8 +343,10 @@ impl Dataplane {
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the XDP object into the kernel")?;
-        load_entry_programs(&mut ebpf)?;
-        install_tail_call_programs(&mut ebpf)?;
+        // The TC programs are loaded when an interface first asks for them
+        // (`Dataplane::load_tc`): the verifier takes seconds over them, which an agent with
+        // only XDP interfaces should not spend at every start.
+        load_xdp_programs(&mut ebpf)?;
         let sessions = take_conntrack_maps(&mut ebpf)?;
         if sessions.is_none() {
             info!("the XDP object has no connection tracking maps; SNAT and stateful DNAT are unavailable");
@@ -360,6 +363,7 @@ impl Dataplane {
             state,
             slot_table,
             programs_pins,
+            tc_loaded: false,
         };
         if dataplane.state.as_ref().is_some_and(|s| s.reused) {
             dataplane.adopt_pinned_rules()?;
@@ -514,6 +518,32 @@ impl Dataplane {
         self.ebpf
             .program(XDP_PROGRAM)
             .ok_or_else(|| anyhow!("the object has no program {XDP_PROGRAM}"))?
+            .try_into()
+            .context("program type")
+    }
+
+    /// Loads the TC programs (`tc_nat` and its stages, into `TC_PROGRAMS`) unless they are
+    /// loaded already. Fails when the object has none, or the verifier rejects one.
+    pub fn load_tc(&mut self) -> Result<()> {
+        if self.tc_loaded {
+            return Ok(());
+        }
+        if !load_tc_programs(&mut self.ebpf)? {
+            bail!(
+                "the TC hook is unavailable: this build's eBPF object has no program \
+                 {TC_PROGRAM}; use hook = \"xdp\""
+            );
+        }
+        self.tc_loaded = true;
+        Ok(())
+    }
+
+    /// The loaded TC twin of [`Dataplane::program`] (`tc_nat`), for test runs (after
+    /// [`Dataplane::load_tc`]).
+    pub fn classifier(&self) -> Result<&SchedClassifier> {
+        self.ebpf
+            .program(TC_PROGRAM)
+            .ok_or_else(|| anyhow!("the object has no program {TC_PROGRAM}"))?
             .try_into()
             .context("program type")
     }

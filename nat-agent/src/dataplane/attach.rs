@@ -83,10 +83,11 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Refuses interfaces whose hook the loaded object has no program for.
+    /// Loads the TC programs when an interface has `hook = "tc"`; refuses the config when the
+    /// object has none (or the verifier rejects one).
     fn check_hooks(&mut self, interfaces: &[Interface]) -> Result<()> {
         if let Some(iface) = interfaces.iter().find(|i| i.hook == Hook::Tc) {
-            self.tc_program()
+            self.load_tc()
                 .with_context(|| format!("interface {} has hook = \"tc\"", iface.name))?;
         }
         Ok(())
