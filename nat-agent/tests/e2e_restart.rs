@@ -16,7 +16,7 @@
 use std::{
     io::Write,
     net::{SocketAddrV4, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -36,37 +36,9 @@ use nat_lab::{
 mod agent;
 
 use agent::{
-    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, xdp_attached, Agent, AGENT,
+    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, xdp_attached, Agent, Bpffs, AGENT,
     API_SOCKET_PLACEHOLDER,
 };
-
-/// A bpf filesystem mounted for one test; unmounted on drop (which drops every pin in it,
-/// detaching pinned links).
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(at: PathBuf) -> Result<Self> {
-        std::fs::create_dir_all(&at)?;
-        let out = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&at)
-            .output()
-            .context("running mount")?;
-        ensure!(
-            out.status.success(),
-            "cannot mount a bpf filesystem at {}: {}",
-            at.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(Bpffs(at))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
 
 fn config(state_dir: &Path, max_sessions: u32) -> String {
     format!(

@@ -10,11 +10,11 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::ExitStatus,
+    process::{Command, ExitStatus},
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use nat_lab::{
     process::run_output, wait_until, Check, ChildGuard, Netns, ScratchDir, SpawnOptions,
 };
@@ -454,6 +454,35 @@ pub fn with_public_host_blackholed<T>(
     lab.nat
         .run("ip", ["route", "del", "blackhole", &blackhole])?;
     result
+}
+
+/// A bpf filesystem mounted for one test; unmounted on drop (which drops every pin in it,
+/// detaching pinned links).
+pub struct Bpffs(pub PathBuf);
+
+impl Bpffs {
+    /// Mounts a new bpf filesystem at `at` (created if missing).
+    pub fn mount(at: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&at)?;
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&at)
+            .output()
+            .context("running mount")?;
+        ensure!(
+            out.status.success(),
+            "cannot mount a bpf filesystem at {}: {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(Bpffs(at))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,5 @@
+//! `fixtures_session_filter` run through the TC twin of the NAT program (`tc_nat`, on socket buffers)
+//! instead of `xdp_nat`: the same frames and expectations (see `common/xdp.rs`, `Hook`).
+
+#[path = "fixtures_session_filter.rs"]
+mod fixtures;
