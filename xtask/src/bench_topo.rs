@@ -82,6 +82,10 @@ pub enum Config {
     XdpFib,
     /// This appliance, translating and handing packets to the kernel to forward.
     XdpPass,
+    /// This appliance's TC twin (`hook = "tc"`, `forwarding = "xdp"`: the skb is redirected
+    /// from TC): on a veth it keeps segmentation offload and GRO, so it translates each GRO
+    /// super-packet once, where XDP sees every 1500-byte frame.
+    TcForward,
     /// nftables NAT with conntrack: the same translation.
     Netfilter,
     /// Plain kernel forwarding, no NAT.
@@ -92,10 +96,11 @@ pub enum Config {
 
 impl Config {
     /// Every configuration, in the order measured within a repetition.
-    pub const ALL: [Config; 6] = [
+    pub const ALL: [Config; 7] = [
         Config::XdpForward,
         Config::XdpFib,
         Config::XdpPass,
+        Config::TcForward,
         Config::Netfilter,
         Config::ForwardOnly,
         Config::XdpLimit,
@@ -107,6 +112,7 @@ impl Config {
             Config::XdpForward => "xdp-forward",
             Config::XdpFib => "xdp-fib",
             Config::XdpPass => "xdp-pass",
+            Config::TcForward => "tc-forward",
             Config::Netfilter => "netfilter",
             Config::ForwardOnly => "forward-only",
             Config::XdpLimit => "xdp-limit",
@@ -117,7 +123,11 @@ impl Config {
     pub fn translates(self) -> bool {
         matches!(
             self,
-            Config::XdpForward | Config::XdpFib | Config::XdpPass | Config::Netfilter
+            Config::XdpForward
+                | Config::XdpFib
+                | Config::XdpPass
+                | Config::TcForward
+                | Config::Netfilter
         )
     }
 }
@@ -260,18 +270,24 @@ fn flow_name(flows: u32) -> String {
 
 /// The appliance's config: both arms, DNAT onto the sink and onto the one-arm backend, SNAT of
 /// the generated inside hosts and of the iperf3 host into a 64-address pool.
-fn appliance_config(plan: &TopoPlan, topo: &Topology, forwarding: &str) -> String {
+/// The appliance's config: the interfaces attached at `hook` (`xdp`, native mode, or `tc`)
+/// with `forwarding`, and the rules every workload uses.
+fn appliance_config(plan: &TopoPlan, topo: &Topology, hook: &str, forwarding: &str) -> String {
     let d = &topo.dev;
+    let attach = match hook {
+        "tc" => "hook = \"tc\"",
+        _ => "xdp_mode = \"native\"",
+    };
     format!(
         r#"
 [[interfaces]]
 name = "{n0}"
-xdp_mode = "native"
+{attach}
 forwarding = "{forwarding}"
 
 [[interfaces]]
 name = "{n1}"
-xdp_mode = "native"
+{attach}
 forwarding = "{forwarding}"
 
 [conntrack]
@@ -379,6 +395,7 @@ struct Bench<'t> {
     /// `forward` without the route cache.
     fib: Appliance,
     pass: Appliance,
+    tc: Appliance,
     nft_file: std::path::PathBuf,
     nft_on: bool,
     g0_mac: [u8; 6],
@@ -401,27 +418,32 @@ impl<'t> Bench<'t> {
         let sink_drop = Object::load(topo.sink.name())?;
         let limit = Object::load(topo.nat.name())?;
         eprintln!(
-            "bench: loading the appliance three times (forwarding = xdp with and without the \
-             route cache, kernel), {} sessions each",
+            "bench: loading the appliance four times (XDP forwarding with and without the \
+             route cache, XDP passing to the kernel, TC forwarding), {} sessions each",
             plan.max_sessions
         );
         let forward = Appliance::load(
             topo.nat.name(),
             "xdp-forward",
-            &appliance_config(plan, topo, "xdp"),
+            &appliance_config(plan, topo, "xdp", "xdp"),
         )?;
         let fib = Appliance::load(
             topo.nat.name(),
             "xdp-fib",
             &format!(
                 "[agent]\nroute_cache = false\n{}",
-                appliance_config(plan, topo, "xdp")
+                appliance_config(plan, topo, "xdp", "xdp")
             ),
         )?;
         let pass = Appliance::load(
             topo.nat.name(),
             "xdp-pass",
-            &appliance_config(plan, topo, "kernel"),
+            &appliance_config(plan, topo, "xdp", "kernel"),
+        )?;
+        let tc = Appliance::load(
+            topo.nat.name(),
+            "tc-forward",
+            &appliance_config(plan, topo, "tc", "xdp"),
         )?;
         let nft_file =
             std::env::temp_dir().join(format!("xdpnat-bench-{}.nft", std::process::id()));
@@ -438,6 +460,7 @@ impl<'t> Bench<'t> {
             forward,
             fib,
             pass,
+            tc,
             nft_file,
             nft_on: false,
             g0_mac: Topology::mac(&topo.gen, &d.g0)?,
@@ -454,6 +477,7 @@ impl<'t> Bench<'t> {
         self.forward.detach()?;
         self.fib.detach()?;
         self.pass.detach()?;
+        self.tc.detach()?;
         self.limit.detach_all()?;
         if self.nft_on {
             self.topo
@@ -472,6 +496,7 @@ impl<'t> Bench<'t> {
             Config::XdpForward => self.forward.attach()?,
             Config::XdpFib => self.fib.attach()?,
             Config::XdpPass => self.pass.attach()?,
+            Config::TcForward => self.tc.attach()?,
             Config::Netfilter => {
                 let file = self.nft_file.to_string_lossy().into_owned();
                 self.topo.nat.run("nft", ["-f", &file])?;
@@ -737,9 +762,10 @@ impl<'t> Bench<'t> {
                     config.key()
                 );
             }
-            // And xdp-forward must have sent them from XDP, not left them to the kernel; with
-            // the route cache answering (xdp-forward) or never (xdp-fib), as configured.
-            if let (Config::XdpForward | Config::XdpFib, Some(fb), Some(rb)) =
+            // And xdp-forward must have sent them from XDP (tc-forward from TC), not left them
+            // to the kernel; with the route cache answering (xdp-forward, tc-forward: these
+            // packets are no GSO super-packets) or never (xdp-fib), as configured.
+            if let (Config::XdpForward | Config::XdpFib | Config::TcForward, Some(fb), Some(rb)) =
                 (config, forward_before, route_before)
             {
                 let fa = app.forward_results()?;
@@ -756,7 +782,7 @@ impl<'t> Bench<'t> {
                 let ra = app.route_cache_results()?;
                 let hits = ra[RouteCacheResult::Hit as usize] - rb[RouteCacheResult::Hit as usize];
                 let cached_as_configured = match config {
-                    Config::XdpForward => hits >= from_xdp * 9 / 10,
+                    Config::XdpForward | Config::TcForward => hits >= from_xdp * 9 / 10,
                     _ => hits == 0,
                 };
                 if !cached_as_configured {
@@ -791,6 +817,7 @@ impl<'t> Bench<'t> {
             Config::XdpForward => Some(&self.forward),
             Config::XdpFib => Some(&self.fib),
             Config::XdpPass => Some(&self.pass),
+            Config::TcForward => Some(&self.tc),
             _ => None,
         }
     }
@@ -800,6 +827,7 @@ impl<'t> Bench<'t> {
             Config::XdpForward => Some(&mut self.forward),
             Config::XdpFib => Some(&mut self.fib),
             Config::XdpPass => Some(&mut self.pass),
+            Config::TcForward => Some(&mut self.tc),
             _ => None,
         }
     }

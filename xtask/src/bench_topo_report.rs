@@ -268,6 +268,33 @@ impl TopoReport {
                 goals.push(goal_line(text, format!("{x:.2}x cheaper"), met));
             }
         }
+        // TCP bulk: bytes per NAT CPU-second at least netfilter's, i.e. a cost per megabyte at
+        // most netfilter's. Through the hook built for it (TC keeps GSO/GRO on a veth), with
+        // XDP forwarding beside it for the record.
+        for (config, text, want) in [
+            (
+                Config::TcForward,
+                "TCP bulk (tc-forward, tcp-iperf3): cost per MB at most netfilter's",
+                Some(1.0),
+            ),
+            (
+                Config::XdpForward,
+                "TCP bulk through XDP forwarding (xdp-forward, tcp-iperf3) against netfilter",
+                None,
+            ),
+        ] {
+            if let Some(c) = self
+                .cell("tcp-iperf3", config)
+                .filter(|c| !c.vs_netfilter.is_empty())
+            {
+                let r = median(&c.vs_netfilter);
+                goals.push(goal_line(
+                    text,
+                    format!("{r:.2}x netfilter's cost"),
+                    want.map(|w| r <= w),
+                ));
+            }
+        }
         goals
     }
 
@@ -316,7 +343,7 @@ impl TopoReport {
         let plot_h = height - top - bottom;
         // One colour per configuration, in `Config::ALL` order (the type keeps them in step).
         let colours: [&str; Config::ALL.len()] = [
-            "#1b9e77", "#a6d854", "#66a61e", "#d95f02", "#7570b3", "#999999",
+            "#1b9e77", "#a6d854", "#66a61e", "#e7298a", "#d95f02", "#7570b3", "#999999",
         ];
         let groups: Vec<&(String, String, &str, &str)> = self.workloads.iter().collect();
         let ratio = |c: &Cell| (!c.vs_netfilter.is_empty()).then(|| median(&c.vs_netfilter));
