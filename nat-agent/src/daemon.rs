@@ -33,6 +33,7 @@ pub async fn run(config_path: &Path, mut loaded: Loaded) -> Result<()> {
     let mut dataplane = Dataplane::load_with(&LoadOptions {
         max_sessions: loaded.model.conntrack.max_sessions,
         state_dir: loaded.model.state_dir.clone(),
+        ..Default::default()
     })?;
     dataplane.start_log_forwarding();
     // With pinned state, rules keep the counter slots of the last run, so their counters

@@ -127,6 +127,10 @@ pub struct LoadOptions {
     /// A directory on a bpf filesystem to pin the maps and links in, so translation and
     /// sessions outlive the agent (see [`pinned`]); `None`: nothing survives the agent.
     pub state_dir: Option<PathBuf>,
+    /// Load (and verify) the XDP programs at once, as the agent does. `false` defers them to
+    /// [`Dataplane::load_xdp`], which attaching an interface with `hook = "xdp"` calls: for a
+    /// dataplane that runs only the TC hook (the verifier takes seconds over each set).
+    pub load_xdp: bool,
 }
 
 impl Default for LoadOptions {
@@ -134,6 +138,7 @@ impl Default for LoadOptions {
         LoadOptions {
             max_sessions: DEFAULT_MAX_SESSIONS,
             state_dir: None,
+            load_xdp: true,
         }
     }
 }
@@ -286,6 +291,8 @@ pub struct Dataplane {
     /// Where this program generation's tail-call tables (`PROGRAMS`, and `TC_PROGRAMS` when
     /// the object has it) are pinned; empty without pinned state.
     programs_pins: Vec<PathBuf>,
+    /// Whether the XDP programs are loaded (see [`LoadOptions::load_xdp`]).
+    xdp_loaded: bool,
     /// Whether the TC programs are loaded (see [`Dataplane::load_tc`]).
     tc_loaded: bool,
     /// The connection-tracking tables; `None` when the object has none (a build without
@@ -346,7 +353,9 @@ impl Dataplane {
         // The TC programs are loaded when an interface first asks for them
         // (`Dataplane::load_tc`): the verifier takes seconds over them, which an agent with
         // only XDP interfaces should not spend at every start.
-        load_xdp_programs(&mut ebpf)?;
+        if options.load_xdp {
+            load_xdp_programs(&mut ebpf)?;
+        }
         let sessions = take_conntrack_maps(&mut ebpf)?;
         if sessions.is_none() {
             info!("the XDP object has no connection tracking maps; SNAT and stateful DNAT are unavailable");
@@ -363,6 +372,7 @@ impl Dataplane {
             state,
             slot_table,
             programs_pins,
+            xdp_loaded: options.load_xdp,
             tc_loaded: false,
         };
         if dataplane.state.as_ref().is_some_and(|s| s.reused) {
@@ -520,6 +530,16 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("the object has no program {XDP_PROGRAM}"))?
             .try_into()
             .context("program type")
+    }
+
+    /// Loads the XDP programs (`xdp_nat` and its stages, into `PROGRAMS`) unless they are
+    /// loaded already (see [`LoadOptions::load_xdp`]).
+    pub fn load_xdp(&mut self) -> Result<()> {
+        if !self.xdp_loaded {
+            load_xdp_programs(&mut self.ebpf)?;
+            self.xdp_loaded = true;
+        }
+        Ok(())
     }
 
     /// Loads the TC programs (`tc_nat` and its stages, into `TC_PROGRAMS`) unless they are

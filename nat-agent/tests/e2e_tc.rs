@@ -32,47 +32,24 @@ use nat_lab::{
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{
-    snat_lab_flow, snat_xdp_config, xdp_attached, Agent, Bpffs, API_SOCKET_PLACEHOLDER,
-    METRICS_LISTEN,
-};
+use agent::{snat_lab_flow, snat_xdp_config, xdp_attached, Agent, Bpffs};
 
 /// Bytes each way per transfer: 8 MB, about 5800 full-size segments.
 const TRANSFER_BYTES: usize = 8 << 20;
 /// TCP payload of one 1500-byte frame (timestamps on).
 const SEGMENT_PAYLOAD: usize = 1448;
 
-/// MASQUERADE of the private network, both interfaces on the TC hook, forwarding from TC.
+/// MASQUERADE of the private network, both interfaces on the TC hook, forwarding from TC: the
+/// XDP lab config with its interfaces moved.
 fn snat_tc_config() -> String {
-    format!(
-        r#"
-[agent]
-metrics_listen = "{METRICS_LISTEN}"
-api_socket = "{API_SOCKET_PLACEHOLDER}"
-
-[conntrack]
-max_sessions = 4096
-
-[[interfaces]]
-name = "{inside}"
-hook = "tc"
-forwarding = "xdp"
-
-[[interfaces]]
-name = "{outside}"
-hook = "tc"
-forwarding = "xdp"
-
-[[snat]]
-id = 100
-name = "private-out"
-source = "{private}"
-masquerade = true
-"#,
-        inside = SnatLab::NAT_INSIDE_IF,
-        outside = SnatLab::NAT_OUTSIDE_IF,
-        private = SnatLab::PRIVATE_NET,
-    )
+    let xdp = snat_xdp_config();
+    let tc = xdp.replace("xdp_mode = \"native\"", "hook = \"tc\"");
+    assert_eq!(
+        tc.matches("hook = \"tc\"").count(),
+        2,
+        "the XDP lab config no longer names its two interfaces' XDP mode:\n{xdp}"
+    );
+    tc
 }
 
 /// The server side of [`transfer`] (`BYTES` replaced by the count): reads `n` bytes of the pattern `i % 251` from one

@@ -83,9 +83,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Loads the TC programs when an interface has `hook = "tc"`; refuses the config when the
-    /// object has none (or the verifier rejects one).
+    /// Loads each hook's programs an interface asks for and that are not loaded yet; refuses
+    /// the config when the object has none for a hook (or the verifier rejects one).
     fn check_hooks(&mut self, interfaces: &[Interface]) -> Result<()> {
+        if let Some(iface) = interfaces.iter().find(|i| matches!(i.hook, Hook::Xdp(_))) {
+            self.load_xdp()
+                .with_context(|| format!("interface {} has hook = \"xdp\"", iface.name))?;
+        }
         if let Some(iface) = interfaces.iter().find(|i| i.hook == Hook::Tc) {
             self.load_tc()
                 .with_context(|| format!("interface {} has hook = \"tc\"", iface.name))?;

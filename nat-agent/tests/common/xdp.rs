@@ -11,7 +11,7 @@
 
 use aya::{
     maps::{Array, Map, MapData},
-    programs::{ProgramError, TestRun, TestRunOptions},
+    programs::{ProgramError, TestRun, TestRunOptions, TestRunResult},
 };
 use nat_agent::{
     compile::{compile, Compiled},
@@ -85,6 +85,29 @@ fn kernel_builds_no_test_skb(frame: &[u8]) -> bool {
         ETH_P_IPV6 => frame.len() < ETH_HLEN + 40,
         _ => false,
     }
+}
+
+/// One BPF_PROG_TEST_RUN of `frame` with context `ctx` through `run` (the program's own
+/// `test_run`); the return value is the program's, unread.
+fn test_run(
+    frame: &[u8],
+    ctx: Option<Vec<u8>>,
+    run: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
+) -> Result<RunOutput, ProgramError> {
+    // Room for growth although the programs never grow a frame past its input length: the
+    // kernel fails the run with ENOSPC rather than truncate silently, a clear message.
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ctx.as_deref(),
+        ..TestRunOptions::new()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(RunOutput {
+        action: result.return_value,
+        frame: out,
+    })
 }
 
 /// Name the fixture configs are validated under (appears in validation errors).
@@ -273,8 +296,12 @@ impl Fixture {
         } = load_config_text(FIXTURE_FILE, config_toml)
             .unwrap_or_else(|e| panic!("fixture config is not valid:\n{e}"));
         // Sized like `nat-agent run` sizes them, so a fixture can fill a small table.
+        let hook = Hook::of_this_crate();
         let options = LoadOptions {
             max_sessions: model.conntrack.max_sessions,
+            // A TC crate runs only the TC programs: verifying the XDP ones too would double
+            // every fixture's load time.
+            load_xdp: hook == Hook::Xdp,
             ..Default::default()
         };
         let mut dataplane = Dataplane::load_with(&options).unwrap_or_else(|e| {
@@ -287,7 +314,6 @@ impl Fixture {
         dataplane
             .apply(&compiled)
             .unwrap_or_else(|e| panic!("writing the compiled rules into the maps: {e:#}"));
-        let hook = Hook::of_this_crate();
         if hook == Hook::Tc {
             dataplane
                 .load_tc()
@@ -460,71 +486,48 @@ impl Fixture {
     /// Runs the program once on `frame` (BPF_PROG_TEST_RUN). `Err` is the kernel refusing the
     /// run, not the program's verdict.
     pub fn try_run(&self, frame: &[u8]) -> Result<RunOutput, ProgramError> {
-        if self.hook == Hook::Tc {
-            return self.try_run_tc(frame);
-        }
-        let program = self
-            .dataplane
-            .program()
-            .unwrap_or_else(|e| panic!("the loaded object has no XDP program: {e:#}"));
-        // Room for growth although the program never changes the frame size: the kernel fails
-        // the run with ENOSPC rather than truncate silently, which would be a clear message.
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex (all u32). The kernel wants data_meta 0, data_end equal to the frame
-        // length and egress_ifindex 0 (net/bpf/test_run.c).
-        let ctx: Option<Vec<u8>> = self.ingress_ifindex.map(|ifindex| {
-            [0, frame.len() as u32, 0, ifindex, 0, 0]
-                .iter()
-                .flat_map(|v| v.to_ne_bytes())
-                .collect()
-        });
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: ctx.as_deref(),
-            ..TestRunOptions::new()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(RunOutput {
-            action: result.return_value,
-            frame: out,
-        })
-    }
-
-    /// [`Fixture::try_run`] through `tc_nat` (see [`Hook::Tc`]).
-    fn try_run_tc(&self, frame: &[u8]) -> Result<RunOutput, ProgramError> {
-        let program = self
-            .dataplane
-            .classifier()
-            .unwrap_or_else(|e| panic!("the loaded object has no TC program: {e:#}"));
-        // Room for the frame to grow (the fragmentation-needed answer keeps its length within
-        // the input's, but a failed run would say ENOSPC rather than truncate).
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct __sk_buff: all zero but the interface the skb arrived on (the kernel refuses
-        // fields a test run cannot set).
-        let ctx: Option<Vec<u8>> = self.ingress_ifindex.map(|ifindex| {
-            let mut ctx = vec![0u8; SK_BUFF_CTX_LEN];
-            for offset in [SK_BUFF_INGRESS_IFINDEX, SK_BUFF_IFINDEX] {
-                ctx[offset..offset + 4].copy_from_slice(&ifindex.to_ne_bytes());
+        match self.hook {
+            Hook::Xdp => {
+                let program = self
+                    .dataplane
+                    .program()
+                    .unwrap_or_else(|e| panic!("the loaded object has no XDP program: {e:#}"));
+                // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+                // egress_ifindex (all u32). The kernel wants data_meta 0, data_end equal to the
+                // frame length and egress_ifindex 0 (net/bpf/test_run.c).
+                let ctx: Option<Vec<u8>> = self.ingress_ifindex.map(|ifindex| {
+                    [0, frame.len() as u32, 0, ifindex, 0, 0]
+                        .iter()
+                        .flat_map(|v| v.to_ne_bytes())
+                        .collect()
+                });
+                test_run(frame, ctx, |options| program.test_run(options))
             }
-            ctx
-        });
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: ctx.as_deref(),
-            ..TestRunOptions::new()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        let action = match result.return_value {
-            TC_ACT_UNSPEC => XDP_PASS,
-            TC_ACT_SHOT => XDP_DROP,
-            TC_ACT_REDIRECT => XDP_TX,
-            // Never returned by the program: shown as is (and fails any comparison).
-            other => other,
-        };
-        Ok(RunOutput { action, frame: out })
+            Hook::Tc => {
+                let program = self
+                    .dataplane
+                    .classifier()
+                    .unwrap_or_else(|e| panic!("the loaded object has no TC program: {e:#}"));
+                // struct __sk_buff: all zero but the interface the skb arrived on (the kernel
+                // refuses fields a test run cannot set).
+                let ctx: Option<Vec<u8>> = self.ingress_ifindex.map(|ifindex| {
+                    let mut ctx = vec![0u8; SK_BUFF_CTX_LEN];
+                    for offset in [SK_BUFF_INGRESS_IFINDEX, SK_BUFF_IFINDEX] {
+                        ctx[offset..offset + 4].copy_from_slice(&ifindex.to_ne_bytes());
+                    }
+                    ctx
+                });
+                let mut out = test_run(frame, ctx, |options| program.test_run(options))?;
+                out.action = match out.action {
+                    TC_ACT_UNSPEC => XDP_PASS,
+                    TC_ACT_SHOT => XDP_DROP,
+                    TC_ACT_REDIRECT => XDP_TX,
+                    // Never returned by the program: shown as is (and fails any comparison).
+                    other => other,
+                };
+                Ok(out)
+            }
+        }
     }
 
     /// Runs the program once on `frame`; panics if the kernel refuses the run.
