@@ -1,7 +1,6 @@
 //! Sessions: translating packets of known flows in either direction, and creating a session
 //! (with its reply entry) for the first packet of a new one.
 
-use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_boot_ns};
@@ -14,7 +13,7 @@ use nat_common::{
 use crate::{
     frag,
     maps::{PATH_MTU_FLOOR, REPLIES, SESSIONS, SESSION_FILTER},
-    packet::frame_len,
+    packet::Frame,
     parse::{Ipv4Packet, L4Kind, L4},
     rewrite::rewrite,
     snat::{self, SnatChoice},
@@ -227,7 +226,7 @@ fn refresh<C: Frame>(ctx: &C, session: &mut Session, l4: &L4, dir: Dir, now: u64
             session.tcp_state = next as u8;
         }
     }
-    let bytes = frame_len(ctx) as u64;
+    let bytes = ctx.packet_len() as u64;
     // Several CPUs may carry packets of one flow at once: add atomically.
     let (packets, total, direction) = match dir {
         Dir::Original => (

@@ -1,7 +1,6 @@
 //! Destination NAT: the rule for a packet and its stateless rewrite. Rules that need a session
 //! are taken on by `nat::try_rules`.
 
-use crate::packet::Frame;
 use nat_common::{
     conntrack::{FlowKey, NO_RULE},
     ipv4::{icmp_is_error, proto},
@@ -11,7 +10,7 @@ use nat_common::{
 
 use crate::{
     frag,
-    packet::frame_len,
+    packet::Frame,
     parse::{Ipv4Packet, L4Kind, L4},
     rewrite::rewrite,
     stats::{count_rule, Direction},
@@ -119,7 +118,7 @@ pub fn apply_stateless<C: Frame>(
         Side::Destination => (Direction::Original, Reason::DnatTranslated),
         Side::Source => (Direction::Reply, Reason::DnatReplyTranslated),
     };
-    count_rule(ctx, rule.counter_index, direction, frame_len(ctx) as u64);
+    count_rule(ctx, rule.counter_index, direction, ctx.packet_len() as u64);
     frag::remember(pkt, &to, rule.counter_index, NO_RULE, direction);
     Ok(reason)
 }

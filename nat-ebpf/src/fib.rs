@@ -8,7 +8,6 @@
 //! hop's MAC is known does not change the answer. (The forwarding stage, `forward`, asks its own
 //! question: it needs the neighbour.)
 
-use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
@@ -20,7 +19,7 @@ use aya_ebpf::{
 };
 use nat_common::conntrack::FlowKey;
 
-use crate::zero::zero_fill;
+use crate::{packet::Frame, zero::zero_fill};
 
 const AF_INET: u8 = 2;
 
@@ -59,8 +58,9 @@ fn request<'a, C: Frame>(
     params
 }
 
-/// A route question for a packet with tuple `key` and total length `tot_len` (non-zero: the
-/// kernel compares it with the route's MTU), written into `slot`.
+/// A route question for a packet with tuple `key` and total length `tot_len` (the kernel
+/// compares it with the route's MTU; 0 only for this very skb, see `Frame::fib_len`), written
+/// into `slot`.
 #[inline(always)]
 fn flow_request<'a, C: Frame>(
     ctx: &C,
@@ -112,11 +112,8 @@ fn route_with_source<C: Frame>(ctx: &C, params: &mut FibParams) -> Option<Egress
 /// `None` when the kernel has no usable route (unreachable, blackhole, forwarding off).
 #[inline(always)]
 pub fn egress<C: Frame>(ctx: &C, key: &FlowKey, tot_len: u16) -> Option<Egress> {
-    // A GSO super-packet is as long as its segments together; the forwarding stage has each
-    // segment checked against the MTU.
-    let tot_len = if ctx.is_gso() { NO_LENGTH } else { tot_len };
     let mut slot = MaybeUninit::uninit();
-    route_with_source(ctx, flow_request(ctx, &mut slot, key, tot_len))
+    route_with_source(ctx, flow_request(ctx, &mut slot, key, ctx.fib_len(tot_len)))
 }
 
 /// The address this host would send from towards `dst` (the route's preferred source): the

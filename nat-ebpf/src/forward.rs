@@ -8,7 +8,6 @@
 //! change (see `nat_common::route_cache`): the FIB lookup is the dearest step of a forwarded
 //! packet.
 
-use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
@@ -33,7 +32,7 @@ use crate::{
     maps::{
         FORWARD_COUNTERS, IFACE_FLAGS, IFACE_FORWARD, ROUTE_CACHE, ROUTE_CACHE_GEN, ROUTE_COUNTERS,
     },
-    packet::ptr_at,
+    packet::{ptr_at, Frame},
     stats::increment,
     zero::zero_fill,
 };
@@ -126,10 +125,8 @@ fn route_with<C: Frame>(ctx: &C, generation: u32) -> ForwardResult {
     let src = u32::from_ne_bytes(ip.src_addr);
     let dst = u32::from_ne_bytes(ip.dst_addr);
     let tot_len = u16::from_be_bytes(ip.tot_len);
-    // A GSO super-packet's IP length is the sum of its segments': the FIB is asked without
-    // one (tot_len 0), and the kernel checks each segment against the route's MTU itself. The
-    // cache, whose entries hold a length that fitted, is neither asked nor filled: one FIB
-    // lookup per 64 KB costs nothing worth saving.
+    // A GSO super-packet (see `Frame::fib_len`) neither asks nor fills the cache, whose
+    // entries hold a length that fitted: one FIB lookup per 64 KB costs nothing worth saving.
     let gso = ctx.is_gso();
     let mut cached: Option<&mut RouteCacheEntry> = None;
     if generation != GENERATION_OFF && !gso {
@@ -160,7 +157,7 @@ fn route_with<C: Frame>(ctx: &C, generation: u32) -> ForwardResult {
     let params: &mut FibParams = unsafe { zero_fill(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
-    params.__bindgen_anon_1.tot_len = if gso { 0 } else { tot_len };
+    params.__bindgen_anon_1.tot_len = ctx.fib_len(tot_len);
     params.__bindgen_anon_2.tos = ip.tos;
     params.ifindex = ingress;
     params.__bindgen_anon_3.ipv4_src = src;

@@ -8,7 +8,6 @@
 //! rewrite it with made-up ports: address-only stateless rules still apply (they need no
 //! ports), a port rule passes it (`fragment_unmatched`), SNAT drops it (`snat_fragment`).
 
-use crate::packet::Frame;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_boot_ns};
@@ -20,7 +19,7 @@ use nat_common::{
 
 use crate::{
     maps::FRAGMENTS,
-    packet::frame_len,
+    packet::Frame,
     parse::{Ipv4Packet, L4},
     rewrite::rewrite,
     stats::{count_rule, Direction},
@@ -91,7 +90,7 @@ pub fn translate_later<C: Frame>(
     } else {
         Direction::Original
     };
-    let bytes = frame_len(ctx) as u64;
+    let bytes = ctx.packet_len() as u64;
     if entry.rule != NO_RULE {
         count_rule(ctx, entry.rule, direction, bytes);
     }

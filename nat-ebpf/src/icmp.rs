@@ -25,7 +25,6 @@
 //! exempt flows), or addressed to this host (its own tracepath, path MTU discovery), go to the
 //! kernel untouched: dropping them would break those for traffic the NAT never touched.
 
-use crate::packet::Frame;
 use nat_common::{
     checksum,
     conntrack::{Endpoint, FlowKey},
@@ -47,7 +46,7 @@ use crate::{
     dnat::{self, Side},
     fib,
     maps::{rule_bank, rule_lookup, BINDINGS, DNAT_FORWARD, DNAT_REVERSE, SNAT_RULES},
-    packet::ptr_at,
+    packet::{ptr_at, Frame},
     parse::{l4_header, parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     rewrite::{addr_delta, port_delta},
     snat::{self, SnatDecision},

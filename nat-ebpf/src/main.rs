@@ -3,9 +3,9 @@
 //! The same translation runs at two hooks: XDP (`xdp_nat` and its stages) and TC ingress
 //! (`tc_nat` and its stages, for interfaces whose hook is `tc`); the code is written once over
 //! `packet::Frame`. Every packet takes exactly one exit, named by a [`Reason`] that is counted
-//! per CPU and decides the program's action. `nat` orders the stages: sessions (conntrack), DNAT rules (stateless
-//! or stateful), SNAT rules; ICMP errors go to `icmp`. Translated packets leave from XDP
-//! (`forward`) or go to the kernel (XDP_PASS), which forwards them.
+//! per CPU and decides the program's action. `nat` orders the stages: sessions (conntrack),
+//! DNAT rules (stateless or stateful), SNAT rules; ICMP errors go to `icmp`. Translated
+//! packets leave from the program (`forward`) or go to the kernel, which forwards them.
 #![no_std]
 #![no_main]
 // BPF atomics (`lock add`) are reachable only through inline assembly on this target.

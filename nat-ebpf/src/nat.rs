@@ -16,7 +16,6 @@
 //! rules; a new session goes on to `xdp_nat_new_flow` (`newflow`). A packet that would start
 //! an SNAT session but is addressed to this host is never translated (`local_destination`).
 
-use crate::packet::Frame;
 use nat_common::{
     conntrack::FlowKey,
     ipv4::{icmp_is_error, proto},
@@ -32,6 +31,7 @@ use crate::{
     forward, frag, icmp,
     maps::{rule_bank, rule_lookup, BINDINGS, BYPASS, DNAT_FORWARD, DNAT_REVERSE, SNAT_RULES},
     newflow,
+    packet::Frame,
     parse::{parse_ipv4, read_l4, Ipv4Packet, L4Kind, L4},
     snat::{self, SnatDecision},
 };

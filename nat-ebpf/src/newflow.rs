@@ -12,7 +12,6 @@
 //! session. The claim (free-port index search, inserts, the endpoint-mapping race) on top of
 //! session creation would not fit one 512-byte BPF stack.
 
-use crate::packet::Frame;
 use nat_common::{
     conntrack::{Endpoint, FlowKey, TcpState},
     maps::{CLAIM_SLOT, NEW_FLOW_SLOT},
@@ -23,6 +22,7 @@ use nat_common::{
 use crate::{
     conntrack::{self, same_key},
     maps::NEW_FLOW,
+    packet::Frame,
     parse::{parse_ipv4, read_l4, L4Kind},
     snat::{self, Allocation, SnatChoice},
 };

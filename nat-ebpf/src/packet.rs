@@ -55,6 +55,17 @@ pub trait Frame: EbpfContext {
     /// Whether the packet is a GSO super-packet (several wire packets in one skb, each of the
     /// size the skb says, and each translated like this one when it is segmented).
     fn is_gso(&self) -> bool;
+    /// The length a FIB question about this packet states for the MTU check: its IP total
+    /// length `tot_len`, or none (0) for a GSO super-packet, whose IP length is its segments'
+    /// together: the kernel then checks the skb itself, segment by segment.
+    #[inline(always)]
+    fn fib_len(&self, tot_len: u16) -> u16 {
+        if self.is_gso() {
+            0
+        } else {
+            tot_len
+        }
+    }
     /// The tail-call table holding this hook's stages, at the slots of `nat_common::maps`.
     fn programs() -> &'static ProgramArray;
     /// The return code that sends the packet back out of the interface it came in on.
@@ -269,10 +280,4 @@ pub fn ptr_at<T, C: Frame>(ctx: &C, offset: usize) -> Result<*mut T, ()> {
         return Err(());
     }
     Ok((start + offset) as *mut T)
-}
-
-/// Length of the whole packet in bytes.
-#[inline(always)]
-pub fn frame_len<C: Frame>(ctx: &C) -> usize {
-    ctx.packet_len()
 }

@@ -1,6 +1,5 @@
 //! Bounded parsing: Ethernet, one optional 802.1Q tag, IPv4 with options, the L4 header.
 
-use crate::packet::Frame;
 use nat_common::{
     conntrack::FlowKey,
     ipv4::{self, proto, HeaderInfo},
@@ -15,7 +14,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::packet::{frame_len, ptr_at};
+use crate::packet::{ptr_at, Frame};
 
 /// 802.1ad service tag (outer tag of QinQ), in wire order like `EthHdr::ether_type`.
 const ETH_P_8021AD: u16 = 0x88a8_u16.to_be();
@@ -75,7 +74,7 @@ pub fn parse_ipv4<C: Frame>(ctx: &C) -> Result<Ipv4Packet, Reason> {
     let ip = unsafe { &*ip };
     // black_box: otherwise LLVM derives "total_len fits the frame" from this check and deletes
     // later packet bounds checks as redundant, which the verifier cannot follow.
-    let available = core::hint::black_box(frame_len(ctx) - l3_offset);
+    let available = core::hint::black_box(ctx.packet_len() - l3_offset);
     let info = ipv4::validate(
         ip.vihl,
         u16::from_be_bytes(ip.tot_len),

@@ -1,7 +1,6 @@
 //! Rewrites a packet's addresses and ports from one tuple to another, fixing every checksum
 //! incrementally (RFC 1624). Stateless DNAT and session translation both end here.
 
-use crate::packet::Frame;
 use nat_common::{
     checksum::{self, Delta},
     conntrack::FlowKey,
@@ -15,7 +14,7 @@ const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
 use crate::{
-    packet::ptr_at,
+    packet::{ptr_at, Frame},
     parse::{l4_header, Ipv4Packet, L4Kind, L4},
 };
 

@@ -1,6 +1,5 @@
 //! Source NAT: which SNAT rule applies to a new flow, and the external endpoint it gets.
 
-use crate::packet::Frame;
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_get_prandom_u32,
@@ -17,6 +16,7 @@ use crate::{
     conntrack::{same_endpoint, EEXIST},
     fib,
     maps::{rule_lookup, BINDINGS, LOCAL_ADDRS, LOCAL_FILTER, MAPPINGS, SNAT_POOLS, SNAT_RULES},
+    packet::Frame,
     ports::PortIndex,
 };
 

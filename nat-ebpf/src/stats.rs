@@ -1,11 +1,13 @@
 //! Counter updates. Per-CPU maps need no atomics: each CPU owns its slot.
 
-use crate::packet::Frame;
 use aya_ebpf::maps::PerCpuArray;
 use aya_log_ebpf::error;
 use nat_common::stats::Reason;
 
-use crate::maps::{REASON_COUNTERS, RULE_COUNTERS};
+use crate::{
+    maps::{REASON_COUNTERS, RULE_COUNTERS},
+    packet::Frame,
+};
 
 /// Adds one to slot `index` of the per-CPU counter array `counters` (an index beyond it counts
 /// nothing: the agent sizes every counter array from the same enums).

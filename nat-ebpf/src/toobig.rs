@@ -11,13 +11,12 @@
 //! quote, the rest is cut off, and the frame goes back out of the interface it came in on
 //! (XDP_TX) to the neighbour that sent it.
 
-use crate::packet::Frame;
 use nat_common::{maps::TOO_BIG_SLOT, stats::Reason};
 
 use crate::{
     fib::source_towards,
     maps::TOO_BIG_MTU,
-    packet::{frame_len, ptr_at},
+    packet::{ptr_at, Frame},
     parse::parse_ipv4,
 };
 
@@ -49,7 +48,8 @@ pub fn run<C: Frame>(ctx: &C) -> Result<Reason, Reason> {
     let pkt = parse_ipv4(ctx)?;
     // Only the plain layout: Ethernet without a tag, an IPv4 header without options (all the
     // fixed offsets below). Anything else is dropped, as by a router that cannot answer.
-    if pkt.l3_offset != ETH_HLEN || pkt.info.header_len != 20 || frame_len(ctx) < ANSWER_LEN - 28 {
+    if pkt.l3_offset != ETH_HLEN || pkt.info.header_len != 20 || ctx.packet_len() < ANSWER_LEN - 28
+    {
         return Err(unanswered);
     }
     // SAFETY: per-CPU slot from a successful lookup, written by xdp_nat just before.
