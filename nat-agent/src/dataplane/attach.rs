@@ -105,15 +105,12 @@ impl Dataplane {
             .context("program type")
     }
 
+    /// `tc_nat`; `check_hooks` has loaded it (or refused the config: the operator's message
+    /// for an object without it is `Dataplane::load_tc`'s).
     fn tc_program(&mut self) -> Result<&mut SchedClassifier> {
         self.ebpf
             .program_mut(TC_PROGRAM)
-            .ok_or_else(|| {
-                anyhow!(
-                    "the TC hook is unavailable: this build's eBPF object has no program \
-                     {TC_PROGRAM}; use hook = \"xdp\""
-                )
-            })?
+            .ok_or_else(|| anyhow!("the object has no program {TC_PROGRAM}"))?
             .try_into()
             .context("program type")
     }
