@@ -14,8 +14,8 @@ use nat_lab::{
 mod agent;
 
 use agent::{
-    attach_pass_through, snat_lab_flow, snat_xdp_config, with_public_host_blackholed, Agent,
-    API_SOCKET_PLACEHOLDER, METRICS_LISTEN,
+    attach_pass_through, ping_public_host, snat_lab_flow, snat_xdp_config,
+    with_public_host_blackholed, Agent, API_SOCKET_PLACEHOLDER, METRICS_LISTEN,
 };
 
 /// `Ip: ForwDatagrams` of the namespace: packets the kernel forwarded.
@@ -51,22 +51,7 @@ fn snat_flows_leave_from_xdp_and_the_first_neighbour_is_learned() -> Result<()> 
     // ICMP, then TCP with a bounded number of round trips. The very first packets meet an
     // empty neighbour table: they go through the kernel, which resolves the next hop; the
     // flow must not notice.
-    let ping = lab.private.run(
-        "ping",
-        [
-            "-c",
-            "5",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            &SnatLab::PUBLIC_ADDR.to_string(),
-        ],
-    )?;
-    ensure!(
-        ping.contains(" 0% packet loss"),
-        "ping through the NAT: {ping}"
-    );
+    ping_public_host(&lab, "through the NAT")?;
     let target = SnatLab::PUBLIC_ADDR.to_string();
     for round in 0..5 {
         let out = lab.private.run(

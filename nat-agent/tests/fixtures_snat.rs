@@ -878,27 +878,13 @@ port_range = "2000-2003"
     fx.assert_session_filter_exact("end");
 }
 
-/// Table-full configs: the smallest table the validator accepts.
-const SMALL_TABLE: &str = r#"
-[[interfaces]]
-name = "nat0"
-
-[conntrack]
-max_sessions = 1024
-
-[[snat]]
-id = 1
-name = "out"
-source = "198.18.0.0/24"
-to_address = "203.0.113.1"
-"#;
-
-/// The capacity in [`SMALL_TABLE`] (the validator's minimum, `MIN_MAX_SESSIONS`).
+/// The capacity in [`POOL`] (the validator's minimum, `MIN_MAX_SESSIONS`): the
+/// table-full fixtures fill it.
 const CAPACITY: usize = 1024;
 
 #[test]
 fn full_table_refuses_new_flows_while_an_established_flow_still_translates() {
-    let mut fx = Fixture::load(SMALL_TABLE);
+    let mut fx = Fixture::load(POOL);
     let established = Packet::udp(H1, 40000, SRV, 123);
     let ext = start(&mut fx, "the established flow", &established, "out");
     reply(&fx, "its reply", &established, &ext, "out");
@@ -977,7 +963,7 @@ fn full_table_refuses_new_flows_while_an_established_flow_still_translates() {
 
 #[test]
 fn full_session_map_undoes_the_reply_entry_of_a_refused_flow() {
-    let mut fx = Fixture::load(SMALL_TABLE);
+    let mut fx = Fixture::load(POOL);
     let established = Packet::udp(H1, 40000, SRV, 123);
     let ext = start(&mut fx, "the established flow", &established, "out");
 
@@ -1459,7 +1445,7 @@ to_address = "203.0.113.1"
 /// BINDINGS until the expiry sweep finds it unused).
 #[test]
 fn a_flow_refused_for_a_full_table_claims_no_external_port() {
-    let mut fx = Fixture::load(SMALL_TABLE);
+    let mut fx = Fixture::load(POOL);
     let established = Packet::udp(H1, 40000, SRV, 123);
     start(&mut fx, "the established flow", &established, "out");
     let mut sessions: BpfHashMap<MapData, FlowKey, Session> =

@@ -456,6 +456,17 @@ pub fn with_public_host_blackholed<T>(
     result
 }
 
+/// Five pings from the SNAT lab's private host to its first public host, 0.2 s apart, each
+/// waiting at most a second; fails, naming `what`, unless every one is answered.
+pub fn ping_public_host(lab: &nat_lab::SnatLab, what: &str) -> Result<()> {
+    let target = nat_lab::SnatLab::PUBLIC_ADDR.to_string();
+    let ping = lab
+        .private
+        .run("ping", ["-c", "5", "-i", "0.2", "-W", "1", &target])?;
+    ensure!(ping.contains(" 0% packet loss"), "ping {what}: {ping}");
+    Ok(())
+}
+
 /// A bpf filesystem mounted for one test; unmounted on drop (which drops every pin in it,
 /// detaching pinned links).
 pub struct Bpffs(pub PathBuf);
