@@ -13,6 +13,7 @@ pub mod session_filter;
 mod sessions;
 mod snat;
 mod sys;
+mod xdp_query;
 
 pub use bank::BANK_GRACE;
 

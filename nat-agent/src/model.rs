@@ -72,8 +72,9 @@ impl Hook {
         }
     }
 
-    /// How status and metrics show the attachment: the XDP mode (`native`, `generic`; `auto`
-    /// for a link taken over from an earlier run), or `tc`.
+    /// How status and metrics show the attachment: the XDP mode (`native`, `generic`: the
+    /// mode it got, or for a link taken over from an earlier run the one the kernel reports), or
+    /// `tc`.
     pub fn mode(self) -> &'static str {
         match self {
             Hook::Xdp(mode) => mode.as_str(),

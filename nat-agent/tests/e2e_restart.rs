@@ -421,3 +421,94 @@ fn a_stopped_agent_leaves_the_route_cache_off() -> Result<()> {
     drop(bpffs);
     Ok(())
 }
+
+/// The XDP mode the kernel reports for `iface` in the SNAT lab's NAT namespace: `native`,
+/// `generic`, or `none` (`ip -j -d link`'s `xdp.mode`: 1 driver, 2 skb).
+fn kernel_xdp_mode(lab: &SnatLab, iface: &str) -> Result<&'static str> {
+    let out = lab
+        .nat
+        .run("ip", ["-j", "-d", "link", "show", "dev", iface])?;
+    let links: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("ip -j link: {out}"))?;
+    Ok(match links[0]["xdp"]["mode"].as_u64() {
+        None => "none",
+        Some(1) => "native",
+        Some(2) => "generic",
+        Some(other) => bail!("{iface} has XDP in mode {other}"),
+    })
+}
+
+/// A pinned XDP link is taken over in the mode it runs in, which status and metrics report, and
+/// a config that asks for another mode gets it at the next start: `generic` -> `auto` (taken
+/// over, still generic) -> `native` (attached afresh) -> `native` (taken over). Before, a link
+/// taken over reported the configured `auto`, and a changed `xdp_mode` was silently ignored.
+#[test]
+fn a_changed_xdp_mode_applies_at_the_next_start_and_status_reports_the_real_one() -> Result<()> {
+    let scratch = ScratchDir::new("xdp-mode")?;
+    let bpffs = Bpffs::mount(scratch.join("bpffs"))?;
+    let state_dir = bpffs.0.join("xdp-nat");
+    let lab = SnatLab::new()?;
+    let _echo = UdpEcho::start(lab.public.name(), &[5400])?;
+    let with_mode = |mode: &str| {
+        snat_xdp_config()
+            .replace("xdp_mode = \"native\"", &format!("xdp_mode = \"{mode}\""))
+            .replace(
+                "[agent]\n",
+                &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
+            )
+    };
+    let exchange = snat_lab_flow(&lab, 40_777, 5400);
+    let interfaces = [SnatLab::NAT_INSIDE_IF, SnatLab::NAT_OUTSIDE_IF];
+
+    let mut agent: Option<Agent> = None;
+    for (configured, expected, how) in [
+        ("generic", "generic", "attached"),
+        ("auto", "generic", "taken over"),
+        ("native", "native", "attached afresh"),
+        ("native", "native", "taken over"),
+    ] {
+        if let Some(mut previous) = agent.take() {
+            previous.kill()?;
+        }
+        let mut started = Agent::start(&lab.nat, &with_mode(configured))?;
+        let context = || format!("xdp_mode = {configured:?}, {how}");
+        let status = started.status()?;
+        let metrics = started.metrics()?;
+        for iface in interfaces {
+            let kernel = kernel_xdp_mode(&lab, iface)?;
+            ensure!(
+                kernel == expected,
+                "{}: the kernel runs {iface} in {kernel}, not {expected}\n{}",
+                context(),
+                started.log_tail(2000)
+            );
+            let reported = status["interfaces"]
+                .as_array()
+                .context("status without interfaces")?
+                .iter()
+                .find(|i| i["name"] == iface)
+                .with_context(|| format!("{iface} missing from status: {status}"))?["xdp_mode"]
+                .clone();
+            ensure!(
+                reported == expected,
+                "{}: status says {iface} runs in {reported}, the kernel {kernel}",
+                context()
+            );
+            metrics
+                .require(
+                    "xdpnat_interface_attached",
+                    &[("interface", iface), ("mode", expected)],
+                )
+                .with_context(context)?;
+        }
+        let flow = exchange(10)?;
+        ensure!(flow.received == flow.sent, "{}: {flow:?}", context());
+        agent = Some(started);
+    }
+    drop(agent);
+    // The namespaces (and their attachments) go first, then the pins.
+    drop(exchange);
+    drop(lab);
+    drop(bpffs);
+    Ok(())
+}

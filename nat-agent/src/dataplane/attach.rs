@@ -20,7 +20,7 @@ use nat_common::maps::{
 };
 use tracing::{info, warn};
 
-use super::{is_absent_key, pinned, Dataplane};
+use super::{is_absent_key, pinned, xdp_query, Dataplane};
 use crate::model::{Forwarding, Hook, Interface, XdpMode};
 
 /// A link kept by the program that made or took it over.
@@ -46,7 +46,7 @@ pub(super) enum Link {
 /// One attachment.
 pub(super) struct Attachment {
     pub(super) interface: String,
-    /// The hook, with the XDP mode it got (for a link taken over, the configured mode).
+    /// The hook, with the XDP mode it runs in (for a link taken over, as the kernel reports it).
     pub(super) hook: Hook,
     pub(super) link: Link,
 }
@@ -164,13 +164,29 @@ impl Dataplane {
             info!(interface = %iface.name, from = pinned_hook, to = iface.hook.name(), "hook changed: the pinned link of the last run is detached; this interface is not translated until the new hook is attached (a brief gap)");
             return Ok(false);
         }
-        self.adopt(iface, link)?;
+        let hook = match iface.hook {
+            Hook::Xdp(wanted) => {
+                let actual = pinned_xdp_mode(&iface.name)?;
+                if wanted != XdpMode::Auto && actual != wanted {
+                    drop(link);
+                    pinned::unpin_link(path)?;
+                    info!(interface = %iface.name, from = actual.as_str(), to = wanted.as_str(), "xdp_mode changed: the pinned link of the last run is detached; this interface is not translated until it is attached in the new mode (a brief gap)");
+                    return Ok(false);
+                }
+                // `auto` takes either mode over as it is: re-attaching only to try native
+                // again would cost a gap, and could fall back to generic all the same.
+                Hook::Xdp(actual)
+            }
+            Hook::Tc => Hook::Tc,
+        };
+        self.adopt(iface, hook, link)?;
         Ok(true)
     }
 
-    /// Swaps this agent's program of `iface`'s hook into `link`, a link of that hook.
-    fn adopt(&mut self, iface: &Interface, link: FdLink) -> Result<()> {
-        let id = match iface.hook {
+    /// Swaps this agent's program of `hook` into `link`, a link of that hook attached to
+    /// `iface` (in `hook`'s XDP mode, which status and metrics then report).
+    fn adopt(&mut self, iface: &Interface, hook: Hook, link: FdLink) -> Result<()> {
+        let id = match hook {
             Hook::Xdp(_) => {
                 let link = XdpLink::try_from(link).context("not an XDP link")?;
                 LinkId::Xdp(
@@ -188,10 +204,10 @@ impl Dataplane {
                 )
             }
         };
-        info!(interface = %iface.name, hook = iface.hook.name(), "program replaced in the pinned link (atomically)");
+        info!(interface = %iface.name, hook = hook.name(), mode = hook.mode(), "program replaced in the pinned link (atomically)");
         self.attached.push(Attachment {
             interface: iface.name.clone(),
-            hook: iface.hook,
+            hook,
             link: Link::Adopted(id),
         });
         Ok(())
@@ -329,8 +345,8 @@ impl Dataplane {
             .with_context(|| format!("writing {IFACE_FLAGS} for {}", iface.name))
     }
 
-    /// Interfaces attached and the hook and XDP mode each one got (for a link taken over from
-    /// an earlier run, the configured mode).
+    /// Interfaces attached and the hook and XDP mode each one runs in (for a link taken over
+    /// from an earlier run, the mode the kernel reports).
     pub fn attachments(&self) -> impl Iterator<Item = (&str, Hook)> {
         self.attached.iter().map(|a| (a.interface.as_str(), a.hook))
     }
@@ -395,4 +411,13 @@ fn link_hook(link: &FdLink) -> Result<&'static str> {
         LinkType::Tcx => Ok("tc"),
         other => bail!("a {other:?} link, neither XDP nor TCX"),
     }
+}
+
+/// The mode the XDP link pinned for `interface` runs in. An error when the interface has no
+/// XDP program: the pinned link is dead (the interface was deleted and created again), and the
+/// caller attaches afresh.
+fn pinned_xdp_mode(interface: &str) -> Result<XdpMode> {
+    let ifindex = crate::sysctl::ifindex(interface)?;
+    xdp_query::attached_mode(ifindex)?
+        .with_context(|| format!("{interface} has no XDP program, although its link is pinned"))
 }

@@ -171,6 +171,20 @@ impl Agent {
         })
     }
 
+    /// `nat-agent status --json --socket <api socket>` in its namespace, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let socket = self.api_socket();
+        let mut cmd = nat_lab::process::netns_command(&self.ns, AGENT);
+        cmd.args(["status", "--json", "--socket"]).arg(&socket);
+        let out = run_output(&mut cmd, Duration::from_secs(10))?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`nat-agent status --json` printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
     /// Fails if the agent has exited (with its log).
     pub fn ensure_running(&mut self) -> Result<()> {
         self.child.ensure_running()
