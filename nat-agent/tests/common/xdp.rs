@@ -530,6 +530,26 @@ impl Fixture {
         }
     }
 
+    /// Whether the kernel takes no test run of `frame` through this hook: none shorter than an
+    /// Ethernet header, and on the TC hook none [`kernel_builds_no_test_skb`] names. Asserts
+    /// that it still refuses, so that the exception goes once a kernel accepts such frames.
+    pub fn kernel_refuses(&self, frame: &[u8]) -> bool {
+        let refused = match self.hook {
+            Hook::Xdp => frame.len() < super::packet::ETH_HLEN,
+            Hook::Tc => kernel_builds_no_test_skb(frame),
+        };
+        if refused {
+            assert!(
+                self.try_run(frame).is_err(),
+                "the kernel ran the {:?} program on a {}-byte frame it was expected to \
+                 refuse; remove this exception from the harness",
+                self.hook,
+                frame.len()
+            );
+        }
+        refused
+    }
+
     /// Runs the program once on `frame`; panics if the kernel refuses the run.
     pub fn run(&self, frame: &[u8]) -> RunOutput {
         self.try_run(frame).unwrap_or_else(|e| {
@@ -546,16 +566,9 @@ impl Fixture {
     /// of the frame's length, in the named direction). For a translation it also recomputes the
     /// output's IP and L4 checksums from scratch and reports what the L4 check found.
     pub fn check(&self, what: &str, input: &[u8], expect: &Expect) -> Checked {
-        if self.hook == Hook::Tc && kernel_builds_no_test_skb(input) {
-            // The TC program cannot be run on such a frame here; the XDP crates run it. That
-            // the kernel still refuses is checked: once it accepts them, they run here too.
-            let refused = self.try_run(input);
-            assert!(
-                refused.is_err(),
-                "{what}: the kernel ran the TC program on a {}-byte frame; remove this \
-                 exception from the harness",
-                input.len()
-            );
+        if self.kernel_refuses(input) {
+            // The program cannot be run on such a frame here (the TC one: the XDP crates run
+            // it); that the kernel still refuses is checked.
             return Checked {
                 frame: input.to_vec(),
                 l4: None,
