@@ -18,23 +18,35 @@
 //!   external address, hosts of the SNAT source prefix): nothing read from the wrong place is
 //!   written;
 //! - every checksum that was right before is right after, recomputed from scratch (IPv4
-//!   header, TCP/UDP/ICMP over the whole datagram, and an ICMP error's quoted header).
+//!   header, TCP/UDP/ICMP over the whole datagram, and an ICMP error's quoted header);
+//! - a frame the program forwards itself (second test: `forwarding = "xdp"` in a namespace
+//!   whose next hops are known) leaves with a TTL one less than it came with.
 //!
 //! The generator is seeded, so a run is reproducible, and a failure is shrunk to the smallest
 //! mangling that still breaks a rule, printed with the frame. Needs root. Never skips.
 
 mod common;
 
-use std::{cell::Cell, collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeSet,
+    net::Ipv4Addr,
+};
 
+use anyhow::Context;
 use common::{
     packet::{
         addr, hex, options_ihl6, parse_ipv4, verify_checksums, verify_icmp_error_checksums, Packet,
         ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_TIME_EXCEEDED, IP_MF, TCP_HLEN, UDP_HLEN,
     },
-    xdp::{Fixture, RunOutput, XDP_DROP},
+    xdp::{Fixture, RunOutput, XDP_DROP, XDP_TX},
 };
-use nat_common::stats::Reason;
+use nat_agent::dataplane::interface_index;
+use nat_common::{
+    maps::{FORWARD_XDP, IFACE_KNOWN},
+    stats::{ForwardResult, Reason},
+};
+use nat_lab::Netns;
 use proptest::{
     prelude::*,
     test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
@@ -54,11 +66,10 @@ const BACKEND_WHOLE: &str = "198.18.1.20";
 
 /// Stateless DNAT (a port rule and a whole-address rule) and SNAT onto one address, with a
 /// port range no inside port is in (every SNAT flow's port changes), and a table big enough
-/// for every new flow the mangled frames start.
-const CONFIG: &str = r#"
-[[interfaces]]
-name = "nat0"
-
+/// for every new flow the mangled frames start; `interfaces` goes first.
+fn config(interfaces: &str) -> String {
+    format!(
+        r#"{interfaces}
 [conntrack]
 max_sessions = 16384
 
@@ -83,7 +94,12 @@ name = "out"
 source = "198.18.0.0/24"
 to_address = "203.0.113.1"
 port_range = "20000-29999"
-"#;
+"#
+    )
+}
+
+/// `XDP_REDIRECT`: the program forwarded the frame out of another interface.
+const XDP_REDIRECT: u32 = 4;
 
 /// Mangled frames run per hook. Each costs a run and two counter snapshots: well under a
 /// second for all of them.
@@ -93,6 +109,15 @@ const CASES: u32 = 3000;
 /// (options included), the L4 header, and an ICMP error's quoted headers all lie in the first
 /// 80 bytes of the base frames.
 const HEADER_BYTES: usize = 80;
+
+/// A well-formed frame to mangle.
+struct Base {
+    name: &'static str,
+    frame: Vec<u8>,
+    /// Sent by a host on the outside (it arrives on the outside interface when the program
+    /// forwards).
+    from_outside: bool,
+}
 
 /// One mangling of a base frame.
 #[derive(Debug, Clone)]
@@ -108,8 +133,8 @@ struct Mangling {
 }
 
 impl Mangling {
-    fn apply(&self, bases: &[(&'static str, Vec<u8>)]) -> Vec<u8> {
-        let mut frame = bases[self.base].1.clone();
+    fn apply(&self, bases: &[Base]) -> Vec<u8> {
+        let mut frame = bases[self.base].frame.clone();
         for &(offset, value) in &self.edits {
             let at = offset % frame.len();
             frame[at] = value;
@@ -140,7 +165,7 @@ fn manglings(bases: usize) -> impl Strategy<Value = Mangling> {
 
 /// The base frames, well-formed, after the flows they belong to were started: the SNAT reply
 /// and the ICMP error about the SNAT flow need the external port the program chose.
-fn base_frames(fixture: &Fixture) -> Vec<(&'static str, Vec<u8>)> {
+fn base_frames(fixture: &Fixture) -> Vec<Base> {
     let outbound = Packet::udp(H1, 5000, SRV, 53);
     let out = fixture.run(&outbound.build());
     let translated = parse_ipv4(&out.frame).expect("the SNAT flow's first packet translated");
@@ -160,67 +185,90 @@ fn base_frames(fixture: &Fixture) -> Vec<(&'static str, Vec<u8>)> {
     let to_backend_quote =
         to_backend[..Packet::tcp(CLIENT, 40000, BACKEND_WEB, 8080).ip_header_len() + 8].to_vec();
 
+    let base = |name, frame, from_outside| Base {
+        name,
+        frame,
+        from_outside,
+    };
     vec![
-        (
+        base(
             "dnat forward",
             Packet::tcp(CLIENT, 40000, VIP_WEB, 80).build(),
+            true,
         ),
-        (
+        base(
             "dnat reply",
             Packet::tcp(BACKEND_WEB, 8080, CLIENT, 40000).build(),
+            false,
         ),
-        (
+        base(
             "dnat whole-address udp",
             Packet::udp(CLIENT, 40001, VIP_WHOLE, 53).build(),
+            true,
         ),
-        ("snat new tcp", Packet::tcp(H1, 5001, SRV, 443).build()),
-        ("snat new udp", Packet::udp(H1, 5002, SRV, 123).build()),
-        ("snat new echo", Packet::icmp_echo(H1, SRV).build()),
-        ("snat reply", Packet::udp(SRV, 53, EXT, port).build()),
-        (
+        base(
+            "snat new tcp",
+            Packet::tcp(H1, 5001, SRV, 443).build(),
+            false,
+        ),
+        base(
+            "snat new udp",
+            Packet::udp(H1, 5002, SRV, 123).build(),
+            false,
+        ),
+        base("snat new echo", Packet::icmp_echo(H1, SRV).build(), false),
+        base("snat reply", Packet::udp(SRV, 53, EXT, port).build(), true),
+        base(
             "icmp error about the snat flow",
             Packet::icmp(OUTSIDE_ROUTER, EXT, ICMP_DEST_UNREACH, 3, [0; 4])
                 .with_payload(seen_outside)
                 .build(),
+            true,
         ),
-        (
+        base(
             "icmp error about a dnat flow",
             Packet::icmp(BACKEND_WEB, CLIENT, ICMP_TIME_EXCEEDED, 0, [0; 4])
                 .with_payload(to_backend_quote)
                 .build(),
+            false,
         ),
-        (
+        base(
             "first fragment",
             Packet::udp(H1, 5003, SRV, 53)
                 .with_payload(vec![7; 64])
                 .with_ident(0x1234)
                 .with_frag(IP_MF)
                 .build(),
+            false,
         ),
-        (
+        base(
             "later fragment",
             Packet::raw(H1, SRV, 17, vec![9; 40])
                 .with_ident(0x1234)
                 .with_frag(3)
                 .build(),
+            false,
         ),
-        (
+        base(
             "vlan tagged dnat",
             Packet::udp(CLIENT, 40002, VIP_WHOLE, 53)
                 .with_vlan(7)
                 .build(),
+            true,
         ),
-        (
+        base(
             "ip options snat",
             Packet::tcp(H1, 5004, SRV, 22)
                 .with_options(&options_ihl6())
                 .build(),
+            false,
         ),
-        (
+        base(
             "echo reply to snat",
             Packet::icmp_echo_reply(SRV, EXT)
                 .with_echo_id(echo_id)
                 .build(),
+            true,
         ),
     ]
 }
@@ -365,6 +413,17 @@ fn check(
             hex(&out.frame)
         ));
     }
+    if matches!(out.action, XDP_TX | XDP_REDIRECT) {
+        // When the program forwards, it is the router: one hop less to live.
+        let ttl = |frame: &[u8]| parse_ipv4(frame).map(|ip| ip.header[8]);
+        let (before, after) = (ttl(input)?, ttl(&out.frame)?);
+        if before < 2 || after != before - 1 {
+            return Err(format!(
+                "forwarded with TTL {before} -> {after} (reason {reason:?})\n   out: {}",
+                hex(&out.frame)
+            ));
+        }
+    }
     if let Ok(before) = checksums(input) {
         if let Err(after) = checksums(&out.frame) {
             return Err(format!(
@@ -377,27 +436,45 @@ fn check(
     Ok(())
 }
 
-#[test]
-fn mangled_frames_are_never_mistranslated() {
-    common::pin_to_cpu(0);
-    let fixture = Fixture::load(CONFIG);
-    let bases = base_frames(&fixture);
+/// The interfaces a forwarding fixture's frames arrive on.
+#[derive(Clone, Copy)]
+struct Ingress {
+    inside: u32,
+    outside: u32,
+}
+
+/// Runs the base frames, then [`CASES`] manglings of them, through `fixture`, each checked
+/// with [`check`]. With `ingress`, each frame arrives on the interface of its side.
+fn mangle_and_check(fixture: &RefCell<Fixture>, ingress: Option<Ingress>) {
+    let arrive = |base: &Base| {
+        if let Some(ingress) = ingress {
+            let ifindex = if base.from_outside {
+                ingress.outside
+            } else {
+                ingress.inside
+            };
+            fixture.borrow_mut().set_ingress_ifindex(Some(ifindex));
+        }
+    };
+    let bases = base_frames(&fixture.borrow());
     let known: BTreeSet<Ipv4Addr> = [EXT, VIP_WEB, BACKEND_WEB, VIP_WHOLE, BACKEND_WHOLE]
         .iter()
         .map(|a| addr(a))
         .collect();
     // The base frames themselves first: each must be translated (or the mangling of it tests
     // nothing), and pass the checks.
-    for (name, frame) in &bases {
-        let observed = fixture.observe(frame);
+    for base in &bases {
+        arrive(base);
+        let observed = fixture.borrow().observe(&base.frame);
         assert_ne!(
             observed.out.frame,
-            *frame,
-            "{name}: the base frame was not translated (reasons {:?})",
+            base.frame,
+            "{}: the base frame was not translated (reasons {:?})",
+            base.name,
             observed.reasons()
         );
-        if let Err(e) = check(frame, &observed.out, &observed.reasons(), &known) {
-            panic!("{name}: {e}\n    in: {}", hex(frame));
+        if let Err(e) = check(&base.frame, &observed.out, &observed.reasons(), &known) {
+            panic!("{}: {e}\n    in: {}", base.name, hex(&base.frame));
         }
     }
 
@@ -411,6 +488,8 @@ fn mangled_frames_are_never_mistranslated() {
     let (ran, refused, rewritten) = (Cell::new(0u32), Cell::new(0u32), Cell::new(0u32));
     let result = runner.run(&manglings(bases.len()), |mangling| {
         let input = mangling.apply(&bases);
+        arrive(&bases[mangling.base]);
+        let fixture = fixture.borrow();
         if fixture.kernel_refuses(&input) {
             refused.set(refused.get() + 1);
             return Ok(());
@@ -423,7 +502,7 @@ fn mangled_frames_are_never_mistranslated() {
         check(&input, &observed.out, &observed.reasons(), &known).map_err(|e| {
             TestCaseError::fail(format!(
                 "{} mangled: {e}\n    in: {}",
-                bases[mangling.base].0,
+                bases[mangling.base].name,
                 hex(&input)
             ))
         })
@@ -431,18 +510,117 @@ fn mangled_frames_are_never_mistranslated() {
     if let Err(e) = result {
         panic!("{e}");
     }
+    let (ran, refused, rewritten) = (ran.get(), refused.get(), rewritten.get());
     // Test runs take no frame shorter than an Ethernet header (and on the TC hook, none
     // shorter than the IPv4 header its EtherType announces); most cases must run.
-    let (ran, refused, rewritten) = (ran.get(), refused.get(), rewritten.get());
+    assert!(
+        ran >= CASES * 3 / 4,
+        "only {ran} of {} mangled frames ran ({refused} refused by the kernel)",
+        ran + refused
+    );
     // Many manglings keep a frame translatable (a payload byte, a TTL, a port): the rules
     // must have been tested on translations, not only on frames left alone.
     assert!(
         rewritten >= ran / 5,
         "only {rewritten} of {ran} mangled frames were translated"
     );
-    assert!(
-        ran >= CASES * 3 / 4,
-        "only {ran} of {} mangled frames ran ({refused} refused by the kernel)",
-        ran + refused
-    );
+}
+
+/// Translated frames go to the kernel (no interface forwards from the program).
+#[test]
+fn mangled_frames_are_never_mistranslated() {
+    common::pin_to_cpu(0);
+    let fixture = Fixture::load(&config("[[interfaces]]\nname = \"nat0\"\n"));
+    mangle_and_check(&RefCell::new(fixture), None);
+}
+
+/// The program forwards translated frames itself (`forwarding = "xdp"`, next hops known): the
+/// same rules, and a forwarded frame leaves with its TTL one less than it came with.
+#[test]
+fn mangled_frames_forwarded_by_the_program_are_never_mistranslated() {
+    let ns = forwarding_lab();
+    ns.enter(|| {
+        common::pin_to_cpu(0);
+        let interfaces = "[[interfaces]]\nname = \"n0\"\nforwarding = \"xdp\"\n\n\
+                          [[interfaces]]\nname = \"n1\"\nforwarding = \"xdp\"\n";
+        let mut fixture = Fixture::load(&config(interfaces));
+        let ingress = Ingress {
+            inside: interface_index("n0").context("n0's index")?,
+            outside: interface_index("n1").context("n1's index")?,
+        };
+        for ifindex in [ingress.inside, ingress.outside] {
+            fixture.set_interface_flags(ifindex, IFACE_KNOWN | FORWARD_XDP);
+        }
+        let fixture = RefCell::new(fixture);
+        mangle_and_check(&fixture, Some(ingress));
+        // Frames really were forwarded: the TTL rule was tested.
+        let forwarded = fixture.borrow().counters().forward;
+        let sent = forwarded[ForwardResult::Redirected as usize]
+            + forwarded[ForwardResult::Transmitted as usize];
+        anyhow::ensure!(
+            sent > u64::from(CASES / 10),
+            "too few frames were forwarded: {forwarded:?}"
+        );
+        Ok(())
+    })
+    .expect("the forwarding lab");
+}
+
+/// A namespace with the appliance's two legs: n0 inside (198.18.0.1/24, backends behind
+/// 198.18.0.254), n1 outside (the external address 203.0.113.1/24, remote hosts behind
+/// 203.0.113.254), every next hop a permanent neighbour so the FIB answers the program.
+fn forwarding_lab() -> Netns {
+    let ns = Netns::new().expect("creating a network namespace (needs root)");
+    let ip = |args: &[&str]| {
+        ns.run("ip", args)
+            .unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
+    };
+    for (dev, peer, cidr, mac) in [
+        ("n0", "n0p", "198.18.0.1/24", "02:00:00:00:00:f0"),
+        ("n1", "n1p", "203.0.113.1/24", "02:00:00:00:00:f1"),
+    ] {
+        ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
+        ip(&["link", "set", dev, "address", mac]);
+        ip(&["addr", "add", cidr, "dev", dev]);
+        ip(&["link", "set", dev, "up"]);
+        ip(&["link", "set", peer, "up"]);
+    }
+    ip(&[
+        "route",
+        "add",
+        "198.18.1.0/24",
+        "via",
+        "198.18.0.254",
+        "dev",
+        "n0",
+    ]);
+    ip(&[
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "via",
+        "203.0.113.254",
+        "dev",
+        "n1",
+    ]);
+    for (neighbour, dev, mac) in [
+        (H1, "n0", "02:00:00:00:00:02"),
+        ("198.18.0.254", "n0", "02:00:00:00:00:fe"),
+        ("203.0.113.254", "n1", "02:00:00:00:01:fe"),
+    ] {
+        ip(&[
+            "neigh",
+            "replace",
+            neighbour,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1")
+        .expect("enabling forwarding");
+    ns
 }
