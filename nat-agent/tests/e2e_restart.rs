@@ -36,8 +36,8 @@ use nat_lab::{
 mod agent;
 
 use agent::{
-    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, xdp_attached, Agent, Bpffs, AGENT,
-    API_SOCKET_PLACEHOLDER,
+    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, with_state, xdp_attached, Agent,
+    Bpffs, AGENT, API_SOCKET_PLACEHOLDER,
 };
 
 fn config(state_dir: &Path, max_sessions: u32) -> String {
@@ -388,10 +388,7 @@ fn a_stopped_agent_leaves_the_route_cache_off() -> Result<()> {
     let state_dir = bpffs.0.join("xdp-nat");
     let lab = SnatLab::new()?;
     let _echo = UdpEcho::start(lab.public.name(), &[5400])?;
-    let config = snat_xdp_config().replace(
-        "[agent]\n",
-        &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
-    );
+    let config = with_state(&snat_xdp_config(), &state_dir);
     let exchange = snat_lab_flow(&lab, 40_321, 5400);
 
     let mut agent = Agent::start(&lab.nat, &config)?;
@@ -450,12 +447,9 @@ fn a_changed_xdp_mode_applies_at_the_next_start_and_status_reports_the_real_one(
     let lab = SnatLab::new()?;
     let _echo = UdpEcho::start(lab.public.name(), &[5400])?;
     let with_mode = |mode: &str| {
-        snat_xdp_config()
-            .replace("xdp_mode = \"native\"", &format!("xdp_mode = \"{mode}\""))
-            .replace(
-                "[agent]\n",
-                &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
-            )
+        let config =
+            snat_xdp_config().replace("xdp_mode = \"native\"", &format!("xdp_mode = \"{mode}\""));
+        with_state(&config, &state_dir)
     };
     let exchange = snat_lab_flow(&lab, 40_777, 5400);
     let interfaces = [SnatLab::NAT_INSIDE_IF, SnatLab::NAT_OUTSIDE_IF];

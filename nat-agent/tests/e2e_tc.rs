@@ -20,7 +20,7 @@
 //! wire), so both checksum states the skb helpers distinguish are crossed. Every transfer is
 //! bounded in bytes and time; the namespaces go with the lab.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
@@ -32,7 +32,9 @@ use nat_lab::{
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{ping_public_host, snat_lab_flow, snat_xdp_config, xdp_attached, Agent, Bpffs};
+use agent::{
+    ping_public_host, snat_lab_flow, snat_xdp_config, with_state, xdp_attached, Agent, Bpffs,
+};
 
 /// Bytes each way per transfer: 8 MB, about 5800 full-size segments.
 const TRANSFER_BYTES: usize = 8 << 20;
@@ -246,14 +248,6 @@ fn tcp_udp_and_ping_through_the_tc_hook_with_full_checksums() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// `config` with pinned state in `state_dir`.
-fn with_state(config: &str, state_dir: &Path) -> String {
-    config.replace(
-        "[agent]\n",
-        &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
-    )
 }
 
 /// Whether `iface` in `ns` has `tc_nat` attached at TCX ingress, as the kernel reports it

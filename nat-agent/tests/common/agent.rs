@@ -399,6 +399,14 @@ pub fn attach_pass_through(ns: &str, device: &str) -> Result<aya::Ebpf> {
     })
 }
 
+/// `config` (with an `[agent]` table) with pinned state in `state_dir`.
+pub fn with_state(config: &str, state_dir: &Path) -> String {
+    config.replace(
+        "[agent]\n",
+        &format!("[agent]\nstate_dir = \"{}\"\n", state_dir.display()),
+    )
+}
+
 /// The SNAT lab's agent config with XDP forwarding on both interfaces: MASQUERADE of the
 /// private network, a private API socket, metrics on [`METRICS_LISTEN`].
 pub fn snat_xdp_config() -> String {
