@@ -2213,6 +2213,51 @@ to_address = "203.0.113.22"
     .expect("running in the namespace");
 }
 
+/// A rule with neither an egress interface nor MASQUERADE needs no route, and the program
+/// asks the FIB only once it reaches a rule that does: behind an interface rule, such a rule
+/// translates a flow to a destination the FIB cannot route, and a routable one still takes the
+/// interface rule first.
+#[test]
+fn a_rule_that_needs_no_route_translates_an_unroutable_destination() {
+    let config = r#"
+[[interfaces]]
+name = "n0"
+
+[conntrack]
+max_sessions = 1024
+
+[[snat]]
+id = 1
+name = "via-n1"
+source = "198.18.0.0/24"
+out_interface = "n1"
+to_address = "203.0.113.22"
+
+[[snat]]
+id = 2
+name = "anywhere"
+source = "198.18.0.0/24"
+to_address = "203.0.113.24"
+"#;
+    let ns = fib_lab();
+    ns.enter(|| {
+        let mut fx = Fixture::load(config);
+        fx.set_ingress_ifindex(Some(ifindex("n0")));
+        let routable = Packet::udp(H1, 40000, "203.0.113.10", 123);
+        let ext = start(&mut fx, "routable via n1", &routable, "via-n1");
+        assert_eq!(ip(&ext), addr("203.0.113.22"));
+        reply(&fx, "routable via n1: reply", &routable, &ext, "via-n1");
+        let unroutable = Packet::udp(H1, 40002, "198.51.100.9", 123);
+        let ext = start(&mut fx, "unroutable", &unroutable, "anywhere");
+        assert_eq!(ip(&ext), addr("203.0.113.24"));
+        reply(&fx, "unroutable: reply", &unroutable, &ext, "anywhere");
+        assert_consistent(&fx.conntrack_snapshot(), "end");
+        fx.assert_session_filter_exact("end");
+        Ok(())
+    })
+    .expect("running in the namespace");
+}
+
 #[test]
 fn dnat_plus_masquerade_rewrites_both_sides_and_restores_both() {
     let config = r#"

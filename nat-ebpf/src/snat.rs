@@ -58,13 +58,16 @@ pub fn decide<C: Frame>(ctx: &C, bank: u32, key: &FlowKey, tot_len: u16) -> Snat
     if is_local(key.dst) {
         return SnatDecision::Local;
     }
-    let route = fib::egress(ctx, key, tot_len);
-    // An interface index no rule uses (0 means "any interface" in a rule) when unroutable.
-    let (egress_ifindex, egress_src) = match route {
-        Some(r) => (r.ifindex, r.src),
-        None => (u32::MAX, [0; 4]),
-    };
-    let routed = route.is_some();
+    // The route is asked for only once a rule that depends on it is reached (one with an
+    // egress interface, or MASQUERADE, which takes the route's source): a set of rules that
+    // translate to a fixed address whatever the route spares every new flow the FIB lookup.
+    // Plain scalars on purpose: an `Option<Option<Egress>>` carried through the loop was packed
+    // by the compiler into shifted registers next to map pointers, which the verifier refuses.
+    let mut asked = false;
+    // Meaningful once `asked`: the route's egress interface (u32::MAX, which no rule uses:
+    // no usable route) and source.
+    let mut egress_ifindex = u32::MAX;
+    let mut egress_src = 0u32;
     let mut i = 0;
     while i < MAX_SNAT_RULES_PER_SET {
         if i as u32 >= set.len {
@@ -72,20 +75,34 @@ pub fn decide<C: Frame>(ctx: &C, bank: u32, key: &FlowKey, tot_len: u16) -> Snat
         }
         let rule = &set.rules[i];
         i += 1;
-        // Without a route there is no egress interface: only rules without one can match (an
-        // absent interface is also stored as u32::MAX, so "routed" must be checked).
-        let interface_ok = rule.out_ifindex == 0 || (routed && rule.out_ifindex == egress_ifindex);
-        let route_ok = routed || rule.action != SNAT_MASQUERADE;
-        if !(rule.matches(key.proto, key.dst) && interface_ok && route_ok) {
+        if !rule.matches(key.proto, key.dst) {
             continue;
+        }
+        let masquerade = rule.action == SNAT_MASQUERADE;
+        if rule.out_ifindex != 0 || masquerade {
+            if !asked {
+                asked = true;
+                if let Some(route) = fib::egress(ctx, key, tot_len) {
+                    egress_ifindex = route.ifindex;
+                    egress_src = u32::from_ne_bytes(route.src);
+                }
+            }
+            // Without a route there is no egress interface and no source: only rules that
+            // need neither can match.
+            if egress_ifindex == u32::MAX {
+                continue;
+            }
+            if rule.out_ifindex != 0 && rule.out_ifindex != egress_ifindex {
+                continue;
+            }
         }
         return match rule.action {
             SNAT_NONE => SnatDecision::Exempt,
-            action => SnatDecision::Translate(SnatChoice {
+            _ => SnatDecision::Translate(SnatChoice {
                 rule_slot: rule.counter_index,
                 pool: rule.pool,
-                masquerade_src: if action == SNAT_MASQUERADE {
-                    Some(egress_src)
+                masquerade_src: if masquerade {
+                    Some(egress_src.to_ne_bytes())
                 } else {
                     None
                 },
