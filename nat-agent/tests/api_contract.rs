@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{Agent, AGENT, API_SOCKET_PLACEHOLDER};
+use agent::{api_request as http, Agent, AGENT, API_SOCKET_PLACEHOLDER};
 
 /// The group the socket is handed to: present on every Debian system.
 const OPERATOR_GROUP: &str = "nogroup";
@@ -72,40 +72,6 @@ to_address = "{backend}"
 to_port = 80
 "#
     )
-}
-
-/// One HTTP exchange with the agent over its socket: (status, body as JSON or text).
-fn http(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-s",
-        "--max-time",
-        "10",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        "-X",
-        method,
-    ])
-    .arg("--unix-socket")
-    .arg(socket);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "--data-binary"])
-            .arg(b.to_string());
-    }
-    cmd.arg(format!("http://localhost{path}"));
-    let out = cmd.output().context("running curl")?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text
-        .rsplit_once('\n')
-        .with_context(|| format!("curl printed no status: {text:?}"))?;
-    let status: u16 = code
-        .trim()
-        .parse()
-        .with_context(|| format!("status {code:?}"))?;
-    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
-    Ok((status, value))
 }
 
 fn ok(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {

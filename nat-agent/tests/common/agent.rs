@@ -399,6 +399,46 @@ pub fn attach_pass_through(ns: &str, device: &str) -> Result<aya::Ebpf> {
     })
 }
 
+/// One HTTP exchange with the agent over its API socket, made with curl (a client that is not
+/// ours): (status, body as JSON, or as a JSON string when it is not JSON).
+pub fn api_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value)> {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "--max-time",
+        "10",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ])
+    .arg("--unix-socket")
+    .arg(socket);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(b.to_string());
+    }
+    cmd.arg(format!("http://localhost{path}"));
+    let out = cmd.output().context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text
+        .rsplit_once('\n')
+        .with_context(|| format!("curl printed no status: {text:?}"))?;
+    let status: u16 = code
+        .trim()
+        .parse()
+        .with_context(|| format!("status {code:?}"))?;
+    let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+    Ok((status, value))
+}
+
 /// `config` (with an `[agent]` table) with pinned state in `state_dir`.
 pub fn with_state(config: &str, state_dir: &Path) -> String {
     config.replace(
