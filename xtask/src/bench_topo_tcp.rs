@@ -101,6 +101,24 @@ fn linger_zero(stream: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// Accept-queue room the CPS server asks for (the namespace's `somaxconn`, 4096 by default,
+/// caps it).
+const CPS_BACKLOG: i32 = 4096;
+
+/// Gives `listener` a longer accept queue than the 128 the standard library listens with. At
+/// ~10k connections per second a server thread that is off the CPU for a dozen milliseconds
+/// lets 128 fill: the kernel then drops a SYN (`ListenOverflows` in the sink's namespace), and
+/// the client's connect times out (500 ms, less than TCP's 1 s SYN retransmission), a failure
+/// the table reported against the configuration measured at the time although no appliance
+/// dropped anything. Linux takes a second `listen` on a listening socket as a new backlog.
+fn widen_backlog(listener: &TcpListener) -> Result<()> {
+    // SAFETY: a valid listening socket fd, owned by `listener` for the call's duration.
+    if unsafe { libc::listen(listener.as_raw_fd(), CPS_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error()).context("widening the CPS server's backlog");
+    }
+    Ok(())
+}
+
 /// Connections through DNAT (to the VIP; to the sink itself where nothing translates) for
 /// `interval`: connect, then close with RST; the server accepts and closes.
 pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measured> {
@@ -113,7 +131,10 @@ pub fn cps(topo: &Topology, config: Config, interval: Duration) -> Result<Measur
     let cpu = topo.other_cpu;
     let stop = AtomicBool::new(false);
     let listener = in_netns(topo.sink.name(), || {
-        TcpListener::bind(SocketAddrV4::new(addr::SINK, CPS_PORT)).context("CPS server")
+        let listener =
+            TcpListener::bind(SocketAddrV4::new(addr::SINK, CPS_PORT)).context("CPS server")?;
+        widen_backlog(&listener)?;
+        Ok(listener)
     })?;
     let meter = Meter::new(topo, &topo.sink, &topo.dev.s0)?;
     let (iv, made, failures) = thread::scope(|s| -> Result<_> {
