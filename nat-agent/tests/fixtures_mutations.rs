@@ -35,6 +35,7 @@ use std::{
 
 use anyhow::Context;
 use common::{
+    lab::two_leg_lab,
     packet::{
         addr, hex, options_ihl6, parse_ipv4, verify_checksums, verify_icmp_error_checksums, Packet,
         ICMP_DEST_UNREACH, ICMP_HLEN, ICMP_TIME_EXCEEDED, IP_MF, TCP_HLEN, UDP_HLEN,
@@ -43,6 +44,7 @@ use common::{
 };
 use nat_agent::dataplane::interface_index;
 use nat_common::{
+    ipv4::{icmp_is_error, proto},
     maps::{FORWARD_XDP, IFACE_KNOWN},
     stats::{ForwardResult, Reason},
 };
@@ -181,9 +183,7 @@ fn base_frames(fixture: &Fixture) -> Vec<Base> {
     // What the remote side saw, as an error quotes it (header and 8 bytes).
     let seen_outside = [translated.header, &translated.payload[..8]].concat();
     let to_backend = Packet::tcp(CLIENT, 40000, BACKEND_WEB, 8080);
-    let to_backend = to_backend.datagram();
-    let to_backend_quote =
-        to_backend[..Packet::tcp(CLIENT, 40000, BACKEND_WEB, 8080).ip_header_len() + 8].to_vec();
+    let to_backend_quote = to_backend.datagram()[..to_backend.ip_header_len() + 8].to_vec();
 
     let base = |name, frame, from_outside| Base {
         name,
@@ -292,15 +292,15 @@ fn rewritable_bytes(frame: &[u8]) -> Option<BTreeSet<usize>> {
     }
     let seg = ip.payload;
     match ip.proto {
-        6 if seg.len() >= TCP_HLEN => may.extend((l4..l4 + 4).chain(l4 + 16..l4 + 18)),
-        17 if seg.len() >= UDP_HLEN => may.extend((l4..l4 + 4).chain(l4 + 6..l4 + 8)),
-        1 if seg.len() >= ICMP_HLEN => {
+        proto::TCP if seg.len() >= TCP_HLEN => may.extend((l4..l4 + 4).chain(l4 + 16..l4 + 18)),
+        proto::UDP if seg.len() >= UDP_HLEN => may.extend((l4..l4 + 4).chain(l4 + 6..l4 + 8)),
+        proto::ICMP if seg.len() >= ICMP_HLEN => {
             may.extend(l4 + 2..l4 + 6);
-            if matches!(seg[0], ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | 12) {
+            if icmp_is_error(seg[0]) {
                 may.extend(quote_bytes(seg, l4 + ICMP_HLEN)?);
             }
         }
-        6 | 17 | 1 => return None,
+        proto::TCP | proto::UDP | proto::ICMP => return None,
         // Any other protocol: a whole-address DNAT rule translates the addresses alone.
         _ => {}
     }
@@ -338,7 +338,7 @@ fn addresses(frame: &[u8]) -> Vec<Ipv4Addr> {
         return Vec::new();
     };
     let mut out = vec![Ipv4Addr::from(ip.src), Ipv4Addr::from(ip.dst)];
-    if ip.proto == 1 && ip.payload.len() >= ICMP_HLEN + 20 {
+    if ip.proto == proto::ICMP && ip.payload.len() >= ICMP_HLEN + 20 {
         let q = &ip.payload[ICMP_HLEN..];
         out.push(Ipv4Addr::new(q[12], q[13], q[14], q[15]));
         out.push(Ipv4Addr::new(q[16], q[17], q[18], q[19]));
@@ -350,12 +350,9 @@ fn addresses(frame: &[u8]) -> Vec<Ipv4Addr> {
 /// one is wrong (or the frame cannot be checked).
 fn checksums(frame: &[u8]) -> Result<String, String> {
     let ip = parse_ipv4(frame)?;
-    let is_error = ip.proto == 1
+    let is_error = ip.proto == proto::ICMP
         && ip.frag & 0x1fff == 0
-        && ip
-            .payload
-            .first()
-            .is_some_and(|t| matches!(*t, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | 12));
+        && ip.payload.first().is_some_and(|t| icmp_is_error(*t));
     if is_error {
         verify_icmp_error_checksums(frame).map(|q| format!("{q:?}"))
     } else {
@@ -566,25 +563,15 @@ fn mangled_frames_forwarded_by_the_program_are_never_mistranslated() {
     .expect("the forwarding lab");
 }
 
-/// A namespace with the appliance's two legs: n0 inside (198.18.0.1/24, backends behind
-/// 198.18.0.254), n1 outside (the external address 203.0.113.1/24, remote hosts behind
-/// 203.0.113.254), every next hop a permanent neighbour so the FIB answers the program.
+/// The fixtures' two-leg namespace (n0 inside, n1 outside with the external address) with the
+/// backends routed behind 198.18.0.254 and the remote hosts behind 203.0.113.254, every next
+/// hop a permanent neighbour so the FIB answers the program.
 fn forwarding_lab() -> Netns {
-    let ns = Netns::new().expect("creating a network namespace (needs root)");
+    let ns = two_leg_lab();
     let ip = |args: &[&str]| {
         ns.run("ip", args)
             .unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
     };
-    for (dev, peer, cidr, mac) in [
-        ("n0", "n0p", "198.18.0.1/24", "02:00:00:00:00:f0"),
-        ("n1", "n1p", "203.0.113.1/24", "02:00:00:00:00:f1"),
-    ] {
-        ip(&["link", "add", dev, "type", "veth", "peer", "name", peer]);
-        ip(&["link", "set", dev, "address", mac]);
-        ip(&["addr", "add", cidr, "dev", dev]);
-        ip(&["link", "set", dev, "up"]);
-        ip(&["link", "set", peer, "up"]);
-    }
     ip(&[
         "route",
         "add",
@@ -620,7 +607,5 @@ fn forwarding_lab() -> Netns {
             "permanent",
         ]);
     }
-    ns.sysctl("net.ipv4.ip_forward", "1")
-        .expect("enabling forwarding");
     ns
 }

@@ -11,12 +11,12 @@
 mod common;
 
 use common::{
+    lab::two_leg_lab,
     packet::{arp_request, ethernet, ipv6_udp, Packet, ETH_P_ARP, ETH_P_IPV6},
     xdp::{Dir, Expect, Fixture},
 };
 use nat_agent::dataplane::{interface_index, SessionStore};
 use nat_common::{conntrack::tcp_flags::*, stats::Reason};
-use nat_lab::Netns;
 
 const H1: &str = "198.18.0.2";
 const PROBE: &str = "168.63.129.16";
@@ -62,31 +62,6 @@ name = "licence"
 destination = "198.51.100.200"
 "#;
 
-/// A namespace with the appliance's two legs up, forwarding on.
-fn lab() -> Netns {
-    let ns = Netns::new().expect("creating a network namespace (needs root)");
-    for (dev, peer, cidr) in [
-        ("n0", "n0p", "198.18.0.1/24"),
-        ("n1", "n1p", "203.0.113.1/24"),
-    ] {
-        ns.run(
-            "ip",
-            ["link", "add", dev, "type", "veth", "peer", "name", peer],
-        )
-        .expect("ip link add");
-        // With a broadcast address, as DHCP and networkd configure one.
-        ns.run("ip", ["addr", "add", cidr, "brd", "+", "dev", dev])
-            .expect("ip addr add");
-        for d in [dev, peer] {
-            ns.run("ip", ["link", "set", d, "up"])
-                .expect("ip link set up");
-        }
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1")
-        .expect("enabling forwarding");
-    ns
-}
-
 fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Packet {
     Packet::tcp(src, sport, dst, dport)
         .with_payload(Vec::new())
@@ -102,7 +77,7 @@ fn pass(fx: &Fixture, what: &str, reason: Reason, p: &Packet) {
 /// is translated as before. Changing them is a rule-bank write like any rule change.
 #[test]
 fn bypass_entries_pass_matching_traffic_before_sessions_and_rules() {
-    let ns = lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(&format!("{BASE}{BYPASS}"));
         fx.set_ingress_ifindex(interface_index("n0"));
@@ -195,7 +170,7 @@ fn bypass_entries_pass_matching_traffic_before_sessions_and_rules() {
 /// an address added later is picked up by the agent's refresh.
 #[test]
 fn packets_to_the_appliance_itself_are_never_translated() {
-    let ns = lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(BASE);
         fx.set_ingress_ifindex(interface_index("n0"));

@@ -29,6 +29,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use common::{
+    lab::two_leg_lab,
     packet::{
         addr, verify_icmp_error_checksums, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L4,
         PROTO_GRE, UDP_HLEN,
@@ -45,7 +46,6 @@ use nat_common::{
     session_filter::Counted,
     stats::Reason,
 };
-use nat_lab::Netns;
 
 /// Inside hosts.
 const H1: &str = "198.18.0.2";
@@ -1762,31 +1762,6 @@ to_port = 80
 // The FIB: MASQUERADE and out_interface, in a namespace of their own
 // ---------------------------------------------------------------------------------------------
 
-/// A namespace whose FIB knows two networks: n0 198.18.0.1/24 (inside) and n1 203.0.113.1/24
-/// (outside), both veths up (peers n0p/n1p up too), forwarding on, no default route.
-fn fib_lab() -> Netns {
-    let ns = Netns::new().expect("creating a network namespace (needs root)");
-    for (dev, peer, cidr) in [
-        ("n0", "n0p", "198.18.0.1/24"),
-        ("n1", "n1p", "203.0.113.1/24"),
-    ] {
-        ns.run(
-            "ip",
-            ["link", "add", dev, "type", "veth", "peer", "name", peer],
-        )
-        .expect("ip link add");
-        ns.run("ip", ["addr", "add", cidr, "dev", dev])
-            .expect("ip addr add");
-        for d in [dev, peer] {
-            ns.run("ip", ["link", "set", d, "up"])
-                .expect("ip link set up");
-        }
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1")
-        .expect("enabling forwarding");
-    ns
-}
-
 /// The index of `name` in the calling thread's namespace.
 fn ifindex(name: &str) -> u32 {
     interface_index(name).unwrap_or_else(|| panic!("no interface {name} in this namespace"))
@@ -1808,7 +1783,7 @@ source = "198.18.0.0/24"
 out_interface = "n1"
 masquerade = true
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     // The egress link is narrower than the inside one (a tunnel, say).
     ns.run("ip", ["link", "set", "n1", "mtu", "1280"])
         .expect("lowering n1's MTU");
@@ -1919,7 +1894,7 @@ source = "198.18.0.0/24"
 out_interface = "n1"
 masquerade = true
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     ns.run("ip", ["link", "set", "n1", "mtu", "1280"])
         .expect("lowering n1's MTU");
     // The inside link is narrow too, for the replies.
@@ -2001,7 +1976,7 @@ name = "masq"
 source = "198.18.0.0/24"
 masquerade = true
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(config);
         let (n0, n1) = (ifindex("n0"), ifindex("n1"));
@@ -2116,7 +2091,7 @@ source = "198.18.0.0/24"
 out_interface = "n1"
 to_address = "203.0.113.22"
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(config);
         fx.set_ingress_ifindex(Some(ifindex("n0")));
@@ -2180,7 +2155,7 @@ source = "198.18.0.0/24"
 out_interface = "n1"
 to_address = "203.0.113.22"
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(config);
         fx.set_ingress_ifindex(Some(ifindex("n0")));
@@ -2239,7 +2214,7 @@ name = "anywhere"
 source = "198.18.0.0/24"
 to_address = "203.0.113.24"
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(config);
         fx.set_ingress_ifindex(Some(ifindex("n0")));
@@ -2283,7 +2258,7 @@ source = "198.18.0.0/24"
 out_interface = "n1"
 masquerade = true
 "#;
-    let ns = fib_lab();
+    let ns = two_leg_lab();
     ns.enter(|| {
         let mut fx = Fixture::load(config);
         let (n0, n1) = (ifindex("n0"), ifindex("n1"));

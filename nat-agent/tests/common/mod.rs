@@ -5,6 +5,7 @@
 //! ones are expected in any single crate.
 #![allow(dead_code)]
 
+pub mod lab;
 pub mod packet;
 pub mod xdp;
 
