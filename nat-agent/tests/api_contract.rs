@@ -17,13 +17,13 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use nat_lab::{http_get, wait_until, Check, DnatLab, EchoReply, HttpEcho};
+use nat_lab::{wait_until, Check, DnatLab, HttpEcho};
 use serde_json::{json, Value};
 
 #[path = "common/agent.rs"]
 mod agent;
 
-use agent::{api_request as http, Agent, AGENT, API_SOCKET_PLACEHOLDER};
+use agent::{api_request as http, served_by, Agent, AGENT, API_SOCKET_PLACEHOLDER};
 
 /// The group the socket is handed to: present on every Debian system.
 const OPERATOR_GROUP: &str = "nogroup";
@@ -132,15 +132,6 @@ fn applies(socket: &Path, source: &str, result: &str) -> Result<u64> {
         }
     }
     bail!("no applies entry for {source}/{result} in {status}")
-}
-
-/// Which backend answers `vip`:80 from the client, by the echo's `served_by`; `None` when no
-/// answer comes (no translation).
-fn served_by(lab: &DnatLab, vip: Ipv4Addr) -> Result<Option<String>> {
-    match http_get(lab.client.name(), &format!("http://{vip}:80/")) {
-        Ok(body) => Ok(Some(body.parse::<EchoReply>()?.server.to_string())),
-        Err(_) => Ok(None),
-    }
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {

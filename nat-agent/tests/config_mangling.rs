@@ -19,13 +19,13 @@ use std::{
 };
 
 use nat_agent::load_config_text;
-use proptest::{
-    prelude::*,
-    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
-};
 
-/// The configs mangled: every config the project ships.
-const SEEDS: [(&str, &str); 8] = [
+#[path = "common/props.rs"]
+mod props;
+use proptest::prelude::*;
+
+/// The configs the project ships that load as they are.
+const SHIPPED: [(&str, &str); 6] = [
     ("lab", include_str!("../../deploy/examples/lab.toml")),
     (
         "dnat-masquerade",
@@ -38,12 +38,11 @@ const SEEDS: [(&str, &str); 8] = [
     ("aws", include_str!("../../deploy/aws/nat.toml")),
     ("azure", include_str!("../../deploy/azure/nat.toml")),
     ("onprem", include_str!("../../deploy/onprem/nat.toml")),
-    ("package", include_str!("../../deploy/packaging/nat.toml")),
-    (
-        "package, comments taken for settings",
-        include_str!("../../deploy/packaging/nat.toml"),
-    ),
 ];
+
+/// The package's config: a template that names no interface until the operator does, so it
+/// does not load as it is; mangled too, as it is and with its comments taken for settings.
+const PACKAGE: &str = include_str!("../../deploy/packaging/nat.toml");
 
 /// Values a setting may be given instead of its own.
 const EDGE_VALUES: &[&str] = &[
@@ -129,7 +128,8 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
 }
 
 /// The package config with its commented-out settings switched on: the file documents every
-/// setting that way, so mangling it reaches them all.
+/// setting that way, so mangling it reaches them all (it documents alternatives side by side,
+/// so it need not load).
 fn uncommented(text: &str) -> String {
     text.lines()
         .map(|l| match l.strip_prefix('#') {
@@ -197,36 +197,18 @@ fn apply(seed: &str, edits: &[Edit]) -> String {
 
 #[test]
 fn mangled_configs_are_reported_never_a_crash() {
-    let seeds: Vec<(&str, String)> = SEEDS
-        .iter()
-        .enumerate()
-        .map(|(i, (name, text))| {
-            let text = if i == SEEDS.len() - 1 {
-                uncommented(text)
-            } else {
-                text.to_string()
-            };
-            (*name, text)
-        })
-        .collect();
-    // The seeds themselves load, but the package's: it is a template that names no interface
-    // until the operator does (and with its comments taken for settings it documents
-    // alternatives side by side); it only needs to be TOML.
-    for (name, text) in seeds
-        .iter()
-        .filter(|(name, _)| !name.starts_with("package"))
-    {
+    for (name, text) in SHIPPED {
         if let Err(e) = load_config_text(name, text) {
             panic!("the shipped config {name} does not load: {e}");
         }
     }
-    let config = Config {
-        cases: 10_000,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut seeds: Vec<(&str, String)> = SHIPPED
+        .iter()
+        .map(|(name, text)| (*name, text.to_string()))
+        .collect();
+    seeds.push(("package", PACKAGE.to_string()));
+    seeds.push(("package, comments taken for settings", uncommented(PACKAGE)));
+    let mut runner = props::seeded_runner(10_000);
     let (accepted, refused) = (Cell::new(0u32), Cell::new(0u32));
     let result = runner.run(&(0..seeds.len(), edits()), |(seed, edits)| {
         let (name, text) = &seeds[seed];

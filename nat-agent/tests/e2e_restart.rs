@@ -36,8 +36,8 @@ use nat_lab::{
 mod agent;
 
 use agent::{
-    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, with_state, xdp_attached, Agent,
-    Bpffs, AGENT, API_SOCKET_PLACEHOLDER,
+    snat_lab_flow, snat_xdp_config, with_public_host_blackholed, with_state, xdp_attached,
+    xdp_mode, Agent, Bpffs, AGENT, API_SOCKET_PLACEHOLDER,
 };
 
 fn config(state_dir: &Path, max_sessions: u32) -> String {
@@ -419,22 +419,6 @@ fn a_stopped_agent_leaves_the_route_cache_off() -> Result<()> {
     Ok(())
 }
 
-/// The XDP mode the kernel reports for `iface` in the SNAT lab's NAT namespace: `native`,
-/// `generic`, or `none` (`ip -j -d link`'s `xdp.mode`: 1 driver, 2 skb).
-fn kernel_xdp_mode(lab: &SnatLab, iface: &str) -> Result<&'static str> {
-    let out = lab
-        .nat
-        .run("ip", ["-j", "-d", "link", "show", "dev", iface])?;
-    let links: serde_json::Value =
-        serde_json::from_str(&out).with_context(|| format!("ip -j link: {out}"))?;
-    Ok(match links[0]["xdp"]["mode"].as_u64() {
-        None => "none",
-        Some(1) => "native",
-        Some(2) => "generic",
-        Some(other) => bail!("{iface} has XDP in mode {other}"),
-    })
-}
-
 /// A pinned XDP link is taken over in the mode it runs in, which status and metrics report, and
 /// a config that asks for another mode gets it at the next start: `generic` -> `auto` (taken
 /// over, still generic) -> `native` (attached afresh) -> `native` (taken over). Before, a link
@@ -469,7 +453,7 @@ fn a_changed_xdp_mode_applies_at_the_next_start_and_status_reports_the_real_one(
         let status = started.status()?;
         let metrics = started.metrics()?;
         for iface in interfaces {
-            let kernel = kernel_xdp_mode(&lab, iface)?;
+            let kernel = xdp_mode(&lab.nat, iface)?;
             ensure!(
                 kernel == expected,
                 "{}: the kernel runs {iface} in {kernel}, not {expected}\n{}",

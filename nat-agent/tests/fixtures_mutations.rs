@@ -49,10 +49,7 @@ use nat_common::{
     stats::{ForwardResult, Reason},
 };
 use nat_lab::Netns;
-use proptest::{
-    prelude::*,
-    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
-};
+use proptest::prelude::*;
 
 /// Inside host, the external address, a remote server and a router on its side.
 const H1: &str = "198.18.0.2";
@@ -475,13 +472,7 @@ fn mangle_and_check(fixture: &RefCell<Fixture>, ingress: Option<Ingress>) {
         }
     }
 
-    let config = Config {
-        cases: CASES,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut runner = common::props::seeded_runner(CASES);
     let (ran, refused, rewritten) = (Cell::new(0u32), Cell::new(0u32), Cell::new(0u32));
     let result = runner.run(&manglings(bases.len()), |mangling| {
         let input = mangling.apply(&bases);

@@ -366,10 +366,22 @@ pub fn scrape_metrics(ns: &str) -> Result<Metrics> {
     Metrics::parse(&text)
 }
 
+/// The mode of the XDP program on `iface` in namespace `ns`, as the kernel reports it through
+/// iproute2 (`ip -j link`'s `xdp.mode`): `native` (driver), `generic` (skb), or `none`.
+pub fn xdp_mode(ns: &Netns, iface: &str) -> Result<&'static str> {
+    let out = ns.run("ip", ["-j", "-d", "link", "show", "dev", iface])?;
+    let links: Value = serde_json::from_str(&out).with_context(|| format!("ip -j link: {out}"))?;
+    Ok(match links[0]["xdp"]["mode"].as_u64() {
+        None => "none",
+        Some(1) => "native",
+        Some(2) => "generic",
+        Some(other) => bail!("{iface} has XDP in mode {other}"),
+    })
+}
+
 /// Whether an XDP program is attached to `iface` in namespace `ns`.
 pub fn xdp_attached(ns: &Netns, iface: &str) -> Result<bool> {
-    let out = ns.run("ip", ["-d", "link", "show", "dev", iface])?;
-    Ok(out.contains("prog/xdp"))
+    Ok(xdp_mode(ns, iface)? != "none")
 }
 
 /// Attaches the object's parse-and-pass program to `device` in namespace `ns`, in driver mode.
@@ -437,6 +449,15 @@ pub fn api_request(
         .with_context(|| format!("status {code:?}"))?;
     let value = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
     Ok((status, value))
+}
+
+/// Which backend answers `vip`:80 from the client, by the echo's `served_by`; `None` when no
+/// answer comes (no translation).
+pub fn served_by(lab: &nat_lab::DnatLab, vip: std::net::Ipv4Addr) -> Result<Option<String>> {
+    match nat_lab::http_get(lab.client.name(), &format!("http://{vip}:80/")) {
+        Ok(body) => Ok(Some(body.parse::<nat_lab::EchoReply>()?.server.to_string())),
+        Err(_) => Ok(None),
+    }
 }
 
 /// `config` (with an `[agent]` table) with pinned state in `state_dir`.

@@ -7,6 +7,7 @@
 
 pub mod lab;
 pub mod packet;
+pub mod props;
 pub mod xdp;
 
 /// Pins the calling thread to `cpu`: for fixtures whose program state is per CPU (a test
