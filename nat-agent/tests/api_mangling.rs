@@ -10,7 +10,8 @@
 //! - the answer is 200 or 400, never a server error, and always a JSON object; a 400 says what
 //!   is wrong;
 //! - after a 400 the rules read back are exactly those before (generation included);
-//! - after a 200 the generation moved on, or stayed when nothing changed;
+//! - after a 200 the rules read back are the ones sent, and the generation moved on, or
+//!   stayed when nothing changed;
 //! - the agent is still running.
 //!
 //! At the end the original rules are put back and the VIP answers through them: the dataplane
@@ -20,17 +21,16 @@
 use std::{cell::Cell, net::Ipv4Addr, path::Path};
 
 use anyhow::{ensure, Context, Result};
-use nat_lab::{http_get, DnatLab, EchoReply, HttpEcho};
-use proptest::{
-    prelude::*,
-    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
-};
+use nat_lab::{DnatLab, HttpEcho};
+use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
 #[path = "common/agent.rs"]
 mod agent;
+#[path = "common/props.rs"]
+mod props;
 
-use agent::{api_request, Agent, API_SOCKET_PLACEHOLDER};
+use agent::{api_request, served_by, Agent, API_SOCKET_PLACEHOLDER};
 
 /// Mangled documents sent. Each is two or three requests over the socket (curl): a few
 /// seconds for all.
@@ -223,6 +223,27 @@ fn apply(original: &Value, edits: &[Edit], values: &[Value]) -> Value {
     doc
 }
 
+/// `rules` (a table of a rule document) with its rules' null fields left out.
+fn without_nulls(rules: &Value) -> Value {
+    match rules {
+        Value::Array(list) => Value::Array(
+            list.iter()
+                .map(|rule| match rule {
+                    Value::Object(fields) => Value::Object(
+                        fields
+                            .iter()
+                            .filter(|(_, v)| !v.is_null())
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    ),
+                    other => other.clone(),
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn get_rules(socket: &Path) -> Result<Value> {
     let (status, doc) = api_request(socket, "GET", "/v1/rules", None)?;
     ensure!(status == 200, "GET /v1/rules: {status} {doc}");
@@ -231,14 +252,6 @@ fn get_rules(socket: &Path) -> Result<Value> {
 
 fn generation(doc: &Value) -> u64 {
     doc["generation"].as_u64().unwrap_or(0)
-}
-
-/// Which backend answers `vip`:80 from the client; `None` when nothing answers.
-fn served_by(lab: &DnatLab, vip: Ipv4Addr) -> Result<Option<String>> {
-    match http_get(lab.client.name(), &format!("http://{vip}:80/")) {
-        Ok(body) => Ok(Some(body.parse::<EchoReply>()?.server.to_string())),
-        Err(_) => Ok(None),
-    }
 }
 
 #[test]
@@ -257,13 +270,7 @@ fn mangled_rule_documents_are_refused_whole_or_applied() -> Result<()> {
 
     let values = edge_values();
     let (applied, refused) = (Cell::new(0u32), Cell::new(0u32));
-    let config = Config {
-        cases: CASES,
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let mut runner =
-        TestRunner::new_with_rng(config, TestRng::deterministic_rng(RngAlgorithm::ChaCha));
+    let mut runner = props::seeded_runner(CASES);
     let result = runner.run(&edits(values.len()), |edits| {
         let fail = |e: anyhow::Error| TestCaseError::fail(format!("{e:#}"));
         let before = get_rules(&socket).map_err(fail)?;
@@ -287,6 +294,16 @@ fn mangled_rule_documents_are_refused_whole_or_applied() -> Result<()> {
                     generation(&before),
                     generation(&after)
                 );
+                // What was accepted is what is in force, field for field (an absent optional
+                // field reads back as null).
+                for table in ["dnat", "snat"] {
+                    prop_assert_eq!(
+                        without_nulls(&after[table]),
+                        without_nulls(&mangled[table]),
+                        "accepted, but the {} rules read back differ from those sent",
+                        table
+                    );
+                }
             }
             400 => {
                 refused.set(refused.get() + 1);
