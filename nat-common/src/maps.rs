@@ -92,6 +92,16 @@ pub const XDP_ICMP_ERROR_PROGRAM: &str = "xdp_nat_icmp_error";
 pub const XDP_CLAIM_PROGRAM: &str = "xdp_nat_claim";
 /// Benchmark baseline in the object: parses like [`XDP_PROGRAM`] and passes. Never attached.
 pub const XDP_PARSE_PASS_PROGRAM: &str = "xdp_parse_pass";
+/// Benchmark floor of a stateful translation: parse and one `SESSIONS` lookup; passes on a
+/// hit. Never attached by the agent.
+pub const XDP_SESSION_LOOKUP_PROGRAM: &str = "xdp_bench_session_lookup";
+/// Benchmark floor of a stateless translation: parse and one `DNAT_FORWARD` lookup; passes on
+/// a hit. Never attached by the agent.
+pub const XDP_RULE_LOOKUP_PROGRAM: &str = "xdp_bench_rule_lookup";
+/// Benchmark floor of a new SNAT flow: parse and the four inserts (`SESSIONS`, `REPLIES`,
+/// `MAPPINGS`, `BINDINGS`) with all-zero values; passes when all four went in. Never attached
+/// by the agent.
+pub const XDP_NEW_FLOW_INSERTS_PROGRAM: &str = "xdp_bench_new_flow_inserts";
 /// Program array the agent fills: slot [`NEW_FLOW_SLOT`] holds [`XDP_NEW_FLOW_PROGRAM`], slot
 /// [`RULES_SLOT`] holds [`XDP_RULES_PROGRAM`], slot [`ICMP_ERROR_SLOT`] holds
 /// [`XDP_ICMP_ERROR_PROGRAM`], slot [`CLAIM_SLOT`] holds [`XDP_CLAIM_PROGRAM`].

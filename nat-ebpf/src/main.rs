@@ -88,6 +88,27 @@ pub fn xdp_parse_pass(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Benchmark floor of a stateful translation: parse and one `SESSIONS` lookup (see
+/// `baseline`). Never attached by the agent.
+#[xdp]
+pub fn xdp_bench_session_lookup(ctx: XdpContext) -> u32 {
+    baseline::session_lookup_only(&ctx)
+}
+
+/// Benchmark floor of a stateless translation: parse and one DNAT rule lookup (see
+/// `baseline`). Never attached by the agent.
+#[xdp]
+pub fn xdp_bench_rule_lookup(ctx: XdpContext) -> u32 {
+    baseline::rule_lookup_only(&ctx)
+}
+
+/// Benchmark floor of a new SNAT flow: parse and the four inserts (see `baseline`). Never
+/// attached by the agent.
+#[xdp]
+pub fn xdp_bench_new_flow_inserts(ctx: XdpContext) -> u32 {
+    baseline::new_flow_inserts_only(&ctx)
+}
+
 /// Benchmark traffic generator, run with XDP live frames (see `bench`). Never attached to a
 /// NAT interface.
 #[xdp]

@@ -527,6 +527,20 @@ impl ConntrackMaps {
     }
 }
 
+impl ConntrackMaps {
+    /// Deletes what the new-flow insert floor (`xdp_bench_new_flow_inserts`) wrote for `keys`:
+    /// each key in `SESSIONS`, its reverse in `REPLIES`, its source endpoint in `MAPPINGS` and
+    /// `BINDINGS`. The floor counts nothing in the session filter, so nothing is taken back.
+    pub fn remove_insert_floor(&self, keys: &[FlowKey]) -> Result<()> {
+        let replies: Vec<FlowKey> = keys.iter().map(FlowKey::reversed).collect();
+        let endpoints: Vec<Endpoint> = keys.iter().map(FlowKey::source).collect();
+        remove(&self.sessions, SESSIONS, keys)?;
+        remove(&self.replies, REPLIES, &replies)?;
+        remove(&self.mappings, MAPPINGS, &endpoints)?;
+        remove(&self.bindings, BINDINGS, &endpoints)
+    }
+}
+
 /// Deletes `keys`, which must all be present.
 fn remove<K: aya::Pod>(map: &MapData, name: &str, keys: &[K]) -> Result<()> {
     bench_sys::delete_batch(map.fd().as_fd(), keys)

@@ -24,7 +24,10 @@ use nat_agent::{
 };
 use nat_common::{
     conntrack::FlowKey,
-    maps::{XDP_NEW_FLOW_PROGRAM, XDP_PARSE_PASS_PROGRAM},
+    maps::{
+        XDP_NEW_FLOW_INSERTS_PROGRAM, XDP_NEW_FLOW_PROGRAM, XDP_PARSE_PASS_PROGRAM,
+        XDP_RULE_LOOKUP_PROGRAM, XDP_SESSION_LOOKUP_PROGRAM,
+    },
     stats::Reason,
 };
 
@@ -196,8 +199,15 @@ impl Bed {
         })?;
         dp.apply(&compiled)
             .with_context(|| format!("writing the {what} rules into the maps"))?;
-        // Loaded once here, so later runs only look it up.
-        dp.loaded_program(XDP_PARSE_PASS_PROGRAM)?;
+        // Loaded once here, so later runs only look them up.
+        for reference in [
+            XDP_PARSE_PASS_PROGRAM,
+            XDP_SESSION_LOOKUP_PROGRAM,
+            XDP_RULE_LOOKUP_PROGRAM,
+            XDP_NEW_FLOW_INSERTS_PROGRAM,
+        ] {
+            dp.loaded_program(reference)?;
+        }
         Ok(Self {
             dp,
             slots: compiled.slots,
@@ -210,6 +220,12 @@ impl Bed {
 
     fn parse_pass(&mut self) -> Result<&Xdp> {
         self.dp.loaded_program(XDP_PARSE_PASS_PROGRAM)
+    }
+
+    /// One of the object's floors (`XDP_SESSION_LOOKUP_PROGRAM`, `XDP_RULE_LOOKUP_PROGRAM`,
+    /// `XDP_NEW_FLOW_INSERTS_PROGRAM`).
+    fn floor(&mut self, name: &str) -> Result<&Xdp> {
+        self.dp.loaded_program(name)
     }
 
     fn reasons(&self) -> Result<Vec<u64>> {
@@ -334,6 +350,10 @@ struct MainBeds {
     both: Bed,
     no_match: Vec<u8>,
     cases: Vec<RepeatCase>,
+    /// The established SNAT packet, for the session-lookup floor (in `both`).
+    session_floor: Vec<u8>,
+    /// The DNAT forward packet, for the rule-lookup floor (in `dnat`).
+    rule_floor: Vec<u8>,
 }
 
 /// Indices of the main rows (the order they are measured in each repetition).
@@ -345,9 +365,11 @@ mod rows {
     pub const DNAT_FORWARD_SNAT: usize = 4;
     pub const SNAT_ORIG: usize = 5;
     pub const SNAT_REPLY: usize = 6;
-    pub const PARSE_PASS_SINGLE: usize = 7;
-    /// First new-flow row; one per fill level follows.
-    pub const NEW_FLOW: usize = 8;
+    pub const SESSION_FLOOR: usize = 7;
+    pub const RULE_FLOOR: usize = 8;
+    pub const PARSE_PASS_SINGLE: usize = 9;
+    /// First new-flow row; one per fill level follows, then one insert floor per fill level.
+    pub const NEW_FLOW: usize = 10;
 }
 
 impl MainBeds {
@@ -456,6 +478,8 @@ impl MainBeds {
             both,
             no_match: udp_frame(&no_match),
             cases,
+            session_floor: udp_frame(&snat),
+            rule_floor: udp_frame(&dnat_fwd),
         })
     }
 }
@@ -698,6 +722,46 @@ impl FilledBed {
         Ok(())
     }
 
+    /// `n` runs of the new-flow insert floor (`xdp_bench_new_flow_inserts`) on the packets
+    /// new flows would be, beside the same fill, single runs: mean ns. Each run must insert
+    /// all four entries; they are deleted chunk by chunk, as the measured new flows are.
+    fn insert_floor(&mut self, what: &str, n: u32) -> Result<f64> {
+        let mut total_ns = 0u64;
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(self.chunk());
+            left -= chunk;
+            let keys = self.new_flow_keys(chunk);
+            let frames: Vec<Vec<u8>> = keys.iter().map(udp_frame).collect();
+            let mut made = Vec::with_capacity(keys.len());
+            let mut failed = None;
+            {
+                let program = self.bed.floor(XDP_NEW_FLOW_INSERTS_PROGRAM)?;
+                for (key, frame) in keys.iter().zip(&frames) {
+                    let run = run_once(program, frame)?;
+                    if run.action != XDP_PASS {
+                        failed = Some((*key, run.action));
+                        break;
+                    }
+                    total_ns += run.ns;
+                    made.push(*key);
+                }
+            }
+            // What went in goes out before any failure is reported, so the fill level
+            // stays what the other rows expect.
+            let removed = self.maps.remove_insert_floor(&made);
+            if let Some((key, action)) = failed {
+                bail!(
+                    "{what}: the insert floor returned XDP action {action} for {} (an entry \
+                     already present, or a table full)",
+                    show(&key)
+                );
+            }
+            removed.with_context(|| format!("{what}: deleting the insert floor's entries"))?;
+        }
+        Ok(total_ns as f64 / f64::from(n))
+    }
+
     /// `n` established packets of random sessions, single runs: mean ns.
     fn established_random(&mut self, what: &str, n: u32) -> Result<f64> {
         let flows: Vec<_> = (0..n)
@@ -820,6 +884,18 @@ pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
             repeat,
         ),
         Row::new(
+            "session-floor",
+            "floor of a stateful translation: parse and one SESSIONS lookup (hit), nothing \
+             else (xdp_bench_session_lookup, the snat-orig packet)",
+            repeat,
+        ),
+        Row::new(
+            "rule-floor",
+            "floor of a stateless translation: parse and one DNAT rule lookup (hit), nothing \
+             else (xdp_bench_rule_lookup, the dnat-forward packet)",
+            repeat,
+        ),
+        Row::new(
             "parse-pass-1",
             "parse-and-pass baseline, single runs",
             Timing::Single(plan.single_runs),
@@ -832,6 +908,17 @@ pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
                 "new SNAT flow at {level}% table fill and port-pool use ({sessions} of {} \
                  sessions)",
                 plan.max_sessions
+            ),
+            Timing::Single(plan.single_runs),
+        ));
+    }
+    for &(level, _) in &levels {
+        rows.push(Row::new(
+            format!("inserts-{level}"),
+            format!(
+                "floor of a new SNAT flow at {level}% fill: parse and its four inserts \
+                 (session, reply tuple, mapping, binding), nothing else \
+                 (xdp_bench_new_flow_inserts)"
             ),
             Timing::Single(plan.single_runs),
         ));
@@ -853,6 +940,20 @@ pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
             let ns = nat_repeat(bed, &what, &case.frame, case.reason, plan.repeat)?;
             rows[case.row].push(ns, base);
         }
+        // The floors pass only on a hit (`run_repeat` insists on XDP_PASS): they time the
+        // lookup the translation rows make, not a miss.
+        let ns = run_repeat(
+            main.both.floor(XDP_SESSION_LOOKUP_PROGRAM)?,
+            &main.session_floor,
+            plan.repeat,
+        )?;
+        rows[rows::SESSION_FLOOR].push(ns, base);
+        let ns = run_repeat(
+            main.dnat.floor(XDP_RULE_LOOKUP_PROGRAM)?,
+            &main.rule_floor,
+            plan.repeat,
+        )?;
+        rows[rows::RULE_FLOOR].push(ns, base);
         let base1 = parse_pass_single(&mut main.both, &main.no_match, plan.single_runs)?;
         rows[rows::PARSE_PASS_SINGLE].samples.push(base1);
         for (i, &(level, sessions)) in levels.iter().enumerate() {
@@ -862,6 +963,8 @@ pub fn run(plan: &Plan, machine: Vec<(String, String)>) -> Result<Report> {
             rows[rows::NEW_FLOW + i].push(ns, base1);
             refused[i].0 += created;
             refused[i].1 += no_port;
+            let ns = fill.insert_floor(&what, plan.single_runs)?;
+            rows[rows::NEW_FLOW + levels.len() + i].push(ns, base1);
         }
     }
     for (i, (created, no_port)) in refused.iter().enumerate() {
@@ -1057,6 +1160,32 @@ fn goals(rows: &[Row], scale: &[ScalePoint]) -> Vec<Goal> {
             });
         }
     }
+    // What the 1.5x goal leaves a translation once it has made the one lookup it cannot do
+    // without: negative means no translation built on that lookup can meet it.
+    for (key, what) in [
+        (
+            "session-floor",
+            "a stateful translation (parse and one SESSIONS lookup)",
+        ),
+        (
+            "rule-floor",
+            "a stateless translation (parse and one DNAT rule lookup)",
+        ),
+    ] {
+        if let Some((r, x)) = find(rows, key).and_then(|r| r.ratio().map(|x| (r, x))) {
+            let base = r.median() / x;
+            goals.push(Goal {
+                text: format!("the least {what} costs, against parse-and-pass"),
+                measured: format!(
+                    "{x:.2}x ({:.1} ns): within the 1.5x goal that leaves {:.1} ns for the rest \
+                     of the translation",
+                    r.median(),
+                    1.5 * base - r.median()
+                ),
+                verdict: None,
+            });
+        }
+    }
     let flows: Vec<&Row> = rows
         .iter()
         .filter(|r| r.key.starts_with("new-flow-"))
@@ -1081,6 +1210,23 @@ fn goals(rows: &[Row], scale: &[ScalePoint]) -> Vec<Goal> {
             measured: format!("slowest/fastest {:.2}x ({})", hi / lo, list.join(", ")),
             verdict: Some(hi / lo <= 1.5),
         });
+    }
+    // How much of a new flow its four table inserts are, level by level: what is left is
+    // everything a design keeping these four tables could still cut.
+    for r in rows.iter().filter(|r| r.key.starts_with("inserts-")) {
+        let level = r.key.trim_start_matches("inserts-");
+        if let Some(flow) = find(rows, &format!("new-flow-{level}")) {
+            goals.push(Goal {
+                text: format!("the four inserts alone against a whole new flow at {level}% fill"),
+                measured: format!(
+                    "{:.0} ns of {:.0} ns ({:.0}%; parse-and-pass single runs included in both)",
+                    r.median(),
+                    flow.median(),
+                    100.0 * r.median() / flow.median()
+                ),
+                verdict: None,
+            });
+        }
     }
     if let (Some(s), Some(d)) = (find(rows, "snat-orig"), find(rows, "dnat-forward")) {
         goals.push(Goal {

@@ -19,10 +19,15 @@ const ROWS: &[&str] = &[
     "dnat-forward-snat",
     "snat-orig",
     "snat-reply",
+    "session-floor",
+    "rule-floor",
     "parse-pass-1",
     "new-flow-10",
     "new-flow-50",
     "new-flow-90",
+    "inserts-10",
+    "inserts-50",
+    "inserts-90",
     "1Ki/parse-pass",
     "1Ki/parse-pass-1",
     "1Ki/established",
@@ -65,7 +70,8 @@ fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
         assert!(min <= median && median <= max, "row {key:?}: {line}");
         if f[5] != "base" {
             positive(f[5], key);
-            // Everything the NAT does costs more than parsing alone.
+            // Everything the NAT does, and every floor (one lookup, four inserts), costs more
+            // than parsing alone.
             positive(f[6], key);
         }
     }
@@ -88,6 +94,14 @@ fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
         stdout.contains("Goals (tracked, not asserted):"),
         "{stdout}"
     );
+    // The floors are reported beside the goals they bound.
+    for needle in [
+        "the least a stateful translation",
+        "the least a stateless translation",
+        "the four inserts alone against a whole new flow at 90% fill",
+    ] {
+        assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
+    }
 
     let page = std::fs::read_to_string(&docs).expect("the page was written");
     let _ = std::fs::remove_file(&docs);
@@ -95,6 +109,8 @@ fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
         "## Method",
         "## Noise",
         "| new-flow-90 |",
+        "| inserts-90 |",
+        "| session-floor |",
         "| 16Ki/new-flow |",
     ] {
         assert!(page.contains(needle), "page lacks {needle:?}:\n{page}");
