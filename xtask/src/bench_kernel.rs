@@ -1082,6 +1082,14 @@ fn run_scale(plan: &Plan) -> Result<(Vec<ScalePoint>, Vec<String>)> {
                 format!("new SNAT flow beside {sessions} sessions"),
                 Timing::Single(plan.single_runs),
             ),
+            Row::new(
+                format!("{name}/inserts"),
+                format!(
+                    "floor of a new SNAT flow beside {sessions} sessions: parse and its four \
+                     inserts, nothing else"
+                ),
+                Timing::Single(plan.single_runs),
+            ),
         ];
         let probe = udp_frame(&udp_key(NO_MATCH_SRC, 1234, NO_MATCH_DST, 5678));
         let (mut created, mut refused) = (0, 0);
@@ -1098,6 +1106,8 @@ fn run_scale(plan: &Plan) -> Result<(Vec<ScalePoint>, Vec<String>)> {
             rows[3].push(ns, base1);
             created += c;
             refused += r;
+            let ns = f.insert_floor(&format!("scale {name}: insert floor"), plan.single_runs)?;
+            rows[4].push(ns, base1);
         }
         if refused > 0 {
             rows[3].note = format!("{refused} of {} refused (no free port)", created + refused);
@@ -1252,6 +1262,16 @@ fn goals(rows: &[Row], scale: &[ScalePoint]) -> Vec<Goal> {
                 ),
                 measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
                 verdict: Some(b / a <= 1.5),
+            });
+        }
+        if let (Some(a), Some(b)) = (pick(first, "/inserts"), pick(last, "/inserts")) {
+            goals.push(Goal {
+                text: format!(
+                    "the four inserts alone (the new-flow floor) from {} to {} sessions",
+                    first.sessions, last.sessions
+                ),
+                measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
+                verdict: None,
             });
         }
         if let (Some(a), Some(b)) = (pick(first, "/established"), pick(last, "/established")) {

@@ -32,10 +32,12 @@ const ROWS: &[&str] = &[
     "1Ki/parse-pass-1",
     "1Ki/established",
     "1Ki/new-flow",
+    "1Ki/inserts",
     "16Ki/parse-pass",
     "16Ki/parse-pass-1",
     "16Ki/established",
     "16Ki/new-flow",
+    "16Ki/inserts",
 ];
 
 /// Runs the quick pass; returns stdout, panicking with stderr on failure or timeout.
