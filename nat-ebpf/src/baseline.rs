@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use nat_common::{
-    conntrack::{Mapping, Session},
+    conntrack::{FlowKey, Mapping, Session},
     prefilter::FilterTable,
     stats::Reason,
 };
@@ -40,55 +40,60 @@ pub fn parse_only(ctx: &XdpContext) -> Reason {
     }
 }
 
-/// Parses the packet and looks its tuple up in `SESSIONS`, nothing more: the least any
-/// stateful translation does (it must at least find its session). Passes on a hit and drops on
-/// a miss, so the benchmark can check that it measured the hit it meant to.
+/// The tuple of a parsed packet, or `None` when it does not parse (the floors then abort).
 #[inline(always)]
-pub fn session_lookup_only(ctx: &XdpContext) -> u32 {
-    let Ok(pkt) = parse_ipv4(ctx) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let key = read_l4(ctx, &pkt).flow_key(&pkt);
-    if SESSIONS.get_ptr(&key).is_some() {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
+fn tuple(ctx: &XdpContext) -> Option<FlowKey> {
+    let pkt = parse_ipv4(ctx).ok()?;
+    Some(read_l4(ctx, &pkt).flow_key(&pkt))
+}
+
+/// A floor's verdict: `XDP_PASS` when it did all it was meant to (so the benchmark can check
+/// that it measured the hit or the inserts it meant to), `XDP_DROP` when not, `XDP_ABORTED`
+/// for a packet that did not parse.
+#[inline(always)]
+fn floor_verdict(done: Option<bool>) -> u32 {
+    match done {
+        Some(true) => xdp_action::XDP_PASS,
+        Some(false) => xdp_action::XDP_DROP,
+        None => xdp_action::XDP_ABORTED,
     }
 }
 
+/// Parses the packet and looks its tuple up in `SESSIONS`, nothing more: the least any
+/// stateful translation does (it must at least find its session). Passes on a hit.
+#[inline(always)]
+pub fn session_lookup_only(ctx: &XdpContext) -> u32 {
+    floor_verdict(tuple(ctx).map(|key| SESSIONS.get_ptr(&key).is_some()))
+}
+
 /// Parses the packet and looks its destination up in the DNAT rule trie, nothing more: the
-/// least a stateless rule translation does. Passes on a hit and drops on a miss.
+/// least a stateless rule translation does. Passes on a hit.
 #[inline(always)]
 pub fn rule_lookup_only(ctx: &XdpContext) -> u32 {
-    let Ok(pkt) = parse_ipv4(ctx) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let key = read_l4(ctx, &pkt).flow_key(&pkt);
-    if rule_lookup(
-        &DNAT_FORWARD,
-        FilterTable::DnatForward,
-        rule_bank(),
-        key.dst,
-    )
-    .is_some()
-    {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+    floor_verdict(tuple(ctx).map(|key| {
+        rule_lookup(
+            &DNAT_FORWARD,
+            FilterTable::DnatForward,
+            rule_bank(),
+            key.dst,
+        )
+        .is_some()
+    }))
 }
 
 /// Parses the packet and inserts, keyed by its tuple, the four entries a new SNAT flow creates:
 /// `SESSIONS` (the tuple), `REPLIES` (the reversed tuple), `MAPPINGS` and `BINDINGS` (its
 /// source endpoint), each with an all-zero value, if absent. Nothing else: no rule, no port
 /// search, no rewrite, no session filter. The entries are junk the benchmark deletes at once
-/// (a zero session translates nothing). Passes when all four were inserted, drops otherwise.
+/// (a zero session translates nothing). Passes when all four were inserted.
 #[inline(always)]
 pub fn new_flow_inserts_only(ctx: &XdpContext) -> u32 {
-    let Ok(pkt) = parse_ipv4(ctx) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let key = read_l4(ctx, &pkt).flow_key(&pkt);
+    floor_verdict(tuple(ctx).map(|key| insert_four(&key)))
+}
+
+/// The four inserts of [`new_flow_inserts_only`]; true when all went in.
+#[inline(always)]
+fn insert_four(key: &FlowKey) -> bool {
     let endpoint = key.source();
     let mut session = MaybeUninit::uninit();
     let mut mapping = MaybeUninit::uninit();
@@ -96,13 +101,8 @@ pub fn new_flow_inserts_only(ctx: &XdpContext) -> u32 {
     let (session, mapping): (&mut Session, &mut Mapping) =
         unsafe { (zero_fill(&mut session), zero_fill(&mut mapping)) };
     let flags = BPF_NOEXIST as u64;
-    let inserted = SESSIONS.insert(&key, &*session, flags).is_ok()
-        && REPLIES.insert(&key.reversed(), &key, flags).is_ok()
+    SESSIONS.insert(key, &*session, flags).is_ok()
+        && REPLIES.insert(&key.reversed(), key, flags).is_ok()
         && MAPPINGS.insert(&endpoint, &*mapping, flags).is_ok()
-        && BINDINGS.insert(&endpoint, &endpoint, flags).is_ok();
-    if inserted {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+        && BINDINGS.insert(&endpoint, &endpoint, flags).is_ok()
 }

@@ -1254,35 +1254,33 @@ fn goals(rows: &[Row], scale: &[ScalePoint]) -> Vec<Goal> {
                 .find(|r| r.key.ends_with(suffix))
                 .map(Row::median)
         };
-        if let (Some(a), Some(b)) = (pick(first, "/new-flow"), pick(last, "/new-flow")) {
-            goals.push(Goal {
-                text: format!(
-                    "new flow flat within 1.5x from {} to {} sessions (issue 7 aims at 1k to 16M)",
-                    first.sessions, last.sessions
-                ),
-                measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
-                verdict: Some(b / a <= 1.5),
-            });
-        }
-        if let (Some(a), Some(b)) = (pick(first, "/inserts"), pick(last, "/inserts")) {
-            goals.push(Goal {
-                text: format!(
-                    "the four inserts alone (the new-flow floor) from {} to {} sessions",
-                    first.sessions, last.sessions
-                ),
-                measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
-                verdict: None,
-            });
-        }
-        if let (Some(a), Some(b)) = (pick(first, "/established"), pick(last, "/established")) {
-            goals.push(Goal {
-                text: format!(
-                    "established translation from {} to {} sessions",
-                    first.sessions, last.sessions
-                ),
-                measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
-                verdict: None,
-            });
+        let span = format!("from {} to {} sessions", first.sessions, last.sessions);
+        // (row suffix, what is compared, the 1.5x goal when it is one)
+        let comparisons = [
+            (
+                "/new-flow",
+                format!("new flow flat within 1.5x {span} (issue 7 aims at 1k to 16M)"),
+                true,
+            ),
+            (
+                "/inserts",
+                format!("the four inserts alone (the new-flow floor) {span}"),
+                false,
+            ),
+            (
+                "/established",
+                format!("established translation {span}"),
+                false,
+            ),
+        ];
+        for (suffix, text, is_goal) in comparisons {
+            if let (Some(a), Some(b)) = (pick(first, suffix), pick(last, suffix)) {
+                goals.push(Goal {
+                    text,
+                    measured: format!("{:.2}x ({a:.0} ns -> {b:.0} ns)", b / a),
+                    verdict: is_goal.then_some(b / a <= 1.5),
+                });
+            }
         }
     }
     goals
