@@ -621,15 +621,22 @@ impl FilledBed {
         (u64::from(self.capacity) / 200).min(free / 2).max(1) as u32
     }
 
+    /// The next chunk of measured new-flow packets out of `left` still to run: its size, the
+    /// tuples and their frames.
+    fn next_chunk(&mut self, left: &mut u32) -> (u32, Vec<FlowKey>, Vec<Vec<u8>>) {
+        let chunk = (*left).min(self.chunk());
+        *left -= chunk;
+        let keys = self.new_flow_keys(chunk);
+        let frames = keys.iter().map(udp_frame).collect();
+        (chunk, keys, frames)
+    }
+
     /// `n` new flows as single runs: (mean ns of created flows, created, refused).
     fn new_flows(&mut self, what: &str, n: u32) -> Result<(f64, u64, u64)> {
         let (mut total_ns, mut created, mut refused) = (0u64, 0u64, 0u64);
         let mut left = n;
         while left > 0 {
-            let chunk = left.min(self.chunk());
-            left -= chunk;
-            let keys = self.new_flow_keys(chunk);
-            let frames: Vec<Vec<u8>> = keys.iter().map(udp_frame).collect();
+            let (chunk, keys, frames) = self.next_chunk(&mut left);
             let before = self.bed.reasons()?;
             let mut made = Vec::with_capacity(keys.len());
             {
@@ -729,10 +736,7 @@ impl FilledBed {
         let mut total_ns = 0u64;
         let mut left = n;
         while left > 0 {
-            let chunk = left.min(self.chunk());
-            left -= chunk;
-            let keys = self.new_flow_keys(chunk);
-            let frames: Vec<Vec<u8>> = keys.iter().map(udp_frame).collect();
+            let (_, keys, frames) = self.next_chunk(&mut left);
             let mut made = Vec::with_capacity(keys.len());
             let mut failed = None;
             {
