@@ -354,6 +354,13 @@ impl Report {
             );
             let _ = writeln!(out);
             md_table(&mut out, &HEADER, &self.scale_row_cells());
+            if self.scale.len() >= 2 {
+                let _ = writeln!(
+                    out,
+                    "\n![in-kernel cost by table size]({})",
+                    crate::bench_scale_chart::SVG_NAME
+                );
+            }
         }
         for s in &self.scale_skipped {
             let _ = writeln!(out, "\nSkipped: {s}");
@@ -399,7 +406,8 @@ pub fn splice_block(
     Ok(format!("{head}\n{}\n{tail}", block.trim_end()))
 }
 
-/// Writes `report` into the page at `path` (created from [`TEMPLATE`] if absent).
+/// Writes `report` into the page at `path` (created from [`TEMPLATE`] if absent), and the
+/// scale chart next to it when there are scale points to draw.
 pub fn write_docs(path: &Path, report: &Report) -> Result<()> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
@@ -411,7 +419,12 @@ pub fn write_docs(path: &Path, report: &Report) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+    fs::write(path, new).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(svg) = crate::bench_scale_chart::to_svg(&report.scale) {
+        let chart = path.with_file_name(crate::bench_scale_chart::SVG_NAME);
+        fs::write(&chart, svg).with_context(|| format!("writing {}", chart.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod bench_fill;
 mod bench_kernel;
 mod bench_packet;
 mod bench_report;
+mod bench_scale_chart;
 mod bench_sys;
 mod bench_topo;
 mod bench_topo_net;

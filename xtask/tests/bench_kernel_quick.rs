@@ -1,7 +1,7 @@
 //! `cargo xtask bench kernel --quick` end to end, so the benchmark cannot rot: it loads the
 //! real XDP object, fills tables, runs every configuration, prints the table and writes the
-//! page. Needs root (BPF, a network namespace) and fails rather than skips without it: a
-//! benchmark nobody runs is the one that breaks.
+//! page and its chart. Needs root (BPF, a network namespace) and fails rather than skips
+//! without it: a benchmark nobody runs is the one that breaks.
 
 mod common;
 
@@ -52,8 +52,11 @@ fn positive(field: &str, what: &str) -> f64 {
 
 #[test]
 fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
-    let docs = std::env::temp_dir().join(format!("xdpnat-bench-{}.md", std::process::id()));
-    let _ = std::fs::remove_file(&docs);
+    // A directory of its own: the chart is written next to the page.
+    let dir = std::env::temp_dir().join(format!("xdpnat-bench-kernel-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let docs = dir.join("benchmarks.md");
     let stdout = common::run_quick("kernel", &docs, TIMEOUT);
 
     for key in ROWS {
@@ -106,13 +109,21 @@ fn quick_pass_prints_every_row_with_positive_numbers_and_writes_the_page() {
     }
 
     let page = std::fs::read_to_string(&docs).expect("the page was written");
-    let _ = std::fs::remove_file(&docs);
+    let chart = std::fs::read_to_string(dir.join("benchmarks-kernel.svg")).expect("the chart");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"),
+        "{chart}"
+    );
+    // One line per series through both scale points.
+    assert_eq!(chart.matches("<polyline").count(), 4, "{chart}");
     for needle in [
         "## Method",
         "## Noise",
         "| new-flow-90 |",
         "| inserts-90 |",
         "| session-floor |",
+        "benchmarks-kernel.svg",
         "| 16Ki/new-flow |",
     ] {
         assert!(page.contains(needle), "page lacks {needle:?}:\n{page}");
