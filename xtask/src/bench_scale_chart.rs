@@ -55,6 +55,26 @@ fn grid_step(top: f64) -> f64 {
         .unwrap_or(10_000.0)
 }
 
+/// `n` in three significant figures with a k or M suffix (the axis has room for little).
+fn short_count(n: u64) -> String {
+    let n = n as f64;
+    let (value, suffix) = if n >= 1e6 {
+        (n / 1e6, "M")
+    } else if n >= 1e3 {
+        (n / 1e3, "k")
+    } else {
+        (n, "")
+    };
+    let digits = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{value:.digits$}{suffix}")
+}
+
 /// The row of `point` for `series`, if it was measured there.
 fn row<'a>(point: &'a ScalePoint, series: &Series) -> Option<&'a Row> {
     point.rows.iter().find(|r| r.key.ends_with(series.suffix))
@@ -115,21 +135,32 @@ pub fn to_svg(points: &[ScalePoint]) -> Option<String> {
         let px = x(l);
         let _ = writeln!(
             s,
-            r##"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{px:.1}" y="{:.1}" text-anchor="middle" fill="#666666">{} sessions</text>"##,
+            r##"<text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text><text x="{px:.1}" y="{:.1}" text-anchor="middle" fill="#666666">{}</text>"##,
             TOP + plot_h + 16.0,
             p.name,
             TOP + plot_h + 30.0,
-            p.sessions
+            short_count(p.sessions)
         );
     }
     if let Some(goal) = flat_goal {
         let gy = y(goal);
         let _ = writeln!(
             s,
-            r##"<line x1="{LEFT}" x2="{:.1}" y1="{gy:.1}" y2="{gy:.1}" stroke="#d95f02" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" fill="#d95f02">flat goal: 1.5x the smallest table's new flow</text>"##,
+            r##"<line x1="{LEFT}" x2="{:.1}" y1="{gy:.1}" y2="{gy:.1}" stroke="#d95f02" stroke-dasharray="6 4"/>"##,
             LEFT + plot_w,
-            LEFT + 4.0,
-            gy - 4.0
+        );
+        // Its legend entry, under the series'.
+        let lx = LEFT + plot_w + 14.0;
+        let ly = TOP + 10.0 + SERIES.len() as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{lx:.1}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#d95f02" stroke-dasharray="4 2"/><text x="{:.1}" y="{ly:.1}">goal: flat within 1.5x</text><text x="{:.1}" y="{:.1}" fill="#666666">of the smallest table</text>"##,
+            lx + 10.0,
+            ly - 4.0,
+            ly - 4.0,
+            lx + 14.0,
+            lx + 14.0,
+            ly + 14.0
         );
     }
     for series in &SERIES {
@@ -225,7 +256,7 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), SERIES.len());
         assert_eq!(svg.matches("<circle").count(), 3 * SERIES.len());
-        assert!(svg.contains("flat goal"));
+        assert!(svg.contains("goal: flat within 1.5x"));
         // Every coordinate lies on the canvas.
         for attr in [" cx=\"", " cy=\"", " y1=\"", " y2=\""] {
             for part in svg.split(attr).skip(1) {
@@ -235,6 +266,14 @@ mod tests {
         }
         // The largest value (1.1 x 4200) sits below the top grid line, not above the plot.
         assert!(svg.contains(">5000</text>"), "{svg}");
+    }
+
+    #[test]
+    fn counts_are_short() {
+        assert_eq!(short_count(921), "921");
+        assert_eq!(short_count(14_745), "14.7k");
+        assert_eq!(short_count(943_718), "944k");
+        assert_eq!(short_count(15_099_494), "15.1M");
     }
 
     #[test]
