@@ -1070,13 +1070,25 @@ fn path_mtu_floor() -> Result<u32> {
     Ok(floor)
 }
 
-/// The index of interface `name` in this network namespace, if it exists.
+/// The kernel's index of `interface` in this network namespace; the error names the
+/// interface and says why (no such interface, a NUL byte in the name).
+pub fn ifindex(interface: &str) -> Result<u32> {
+    let name = CString::new(interface)
+        .with_context(|| format!("interface name {interface:?} contains a NUL byte"))?;
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call;
+    // if_nametoindex only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("looking up interface {interface}"));
+    }
+    Ok(index)
+}
+
+/// The index of interface `name` in this network namespace, if it exists (see [`ifindex`]
+/// for the reason when it does not).
 pub fn interface_index(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call; if_nametoindex
-    // only reads it.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (index != 0).then_some(index)
+    ifindex(name).ok()
 }
 
 /// Resolves `names` with `lookup`; names that do not resolve are left out.

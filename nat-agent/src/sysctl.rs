@@ -21,16 +21,3 @@ pub fn enable_accept_local(interface: &str) -> Result<()> {
     info!(%interface, "set net.ipv4.conf.{interface}.accept_local=1 (source NAT at XDP ingress needs it)");
     Ok(())
 }
-
-/// The kernel's index of `interface` in this network namespace.
-pub fn ifindex(interface: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(interface)
-        .with_context(|| format!("interface name {interface:?} contains a NUL byte"))?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("looking up interface {interface}"));
-    }
-    Ok(index)
-}

@@ -307,7 +307,7 @@ impl Dataplane {
     /// interface index fits it. The same for both hooks: `FORWARD_XDP` means "the program
     /// forwards" (XDP redirect, or `bpf_redirect` from TC).
     fn set_forwarding(&mut self, iface: &Interface) -> Result<()> {
-        let ifindex = crate::sysctl::ifindex(&iface.name)?;
+        let ifindex = super::ifindex(&iface.name)?;
         let map = self
             .ebpf
             .map_mut(IFACE_FORWARD)
@@ -417,7 +417,7 @@ fn link_hook(link: &FdLink) -> Result<&'static str> {
 /// XDP program: the pinned link is dead (the interface was deleted and created again), and the
 /// caller attaches afresh.
 fn pinned_xdp_mode(interface: &str) -> Result<XdpMode> {
-    let ifindex = crate::sysctl::ifindex(interface)?;
+    let ifindex = super::ifindex(interface)?;
     xdp_query::attached_mode(ifindex)?
         .with_context(|| format!("{interface} has no XDP program, although its link is pinned"))
 }
