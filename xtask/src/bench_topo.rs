@@ -35,7 +35,9 @@ use nat_lab::in_netns;
 use crate::{
     bench_packet::{frame_key, udp_frame, udp_key, FRAME_LEN},
     bench_sys,
-    bench_topo_net::{addr, Interval, Meter, Topology, GEN_PRIORITY, METER_PRIORITY},
+    bench_topo_net::{
+        addr, ConntrackLimits, Interval, Meter, Topology, GEN_PRIORITY, METER_PRIORITY,
+    },
     bench_topo_report::{Cell, Plot, TopoReport},
     bench_topo_tcp as tcp,
     bench_topo_xdp::{Appliance, Generator, Object},
@@ -51,9 +53,13 @@ pub struct TopoPlan {
     pub warmup: Duration,
     /// Measured interval of the packet workloads.
     pub interval: Duration,
-    /// Measured interval of a new-flow workload: shorter, so the tables are not full before
-    /// it ends.
-    pub new_flow_interval: Duration,
+    /// New flows a new-flow measurement runs until it has delivered (each a session: the
+    /// table then holds at least this many), issue 7's "until the table holds at least 1
+    /// million sessions".
+    pub new_flow_target: u64,
+    /// The longest a new-flow measurement may take to get there; one that stops short says
+    /// so in its row.
+    pub new_flow_time_cap: Duration,
     /// "Many flows" of the established workloads.
     pub many_flows: u32,
     /// Session table capacity of the appliance.
@@ -649,10 +655,12 @@ impl<'t> Bench<'t> {
             (&self.gen, topo.gen.name())
         };
         let meter = Meter::new(topo, count_ns, count_dev)?;
-        let interval = if new_flows {
-            self.plan.new_flow_interval
+        // A new-flow measurement ends on a count (the table holding its target), the others on
+        // time; both are bounded in time.
+        let (interval, until) = if new_flows {
+            (self.plan.new_flow_time_cap, Some(self.plan.new_flow_target))
         } else {
-            self.plan.interval
+            (self.plan.interval, None)
         };
         // New flows fill the table from the first packet on: no more warm-up than it takes
         // the queues to fill, so the table holds the whole measurement.
@@ -701,8 +709,13 @@ impl<'t> Bench<'t> {
                     let result = prepared.and_then(|()| {
                         thread::sleep(warmup);
                         let a = meter.read()?;
-                        thread::sleep(interval);
-                        let b = meter.read()?;
+                        let b = match until {
+                            None => {
+                                thread::sleep(interval);
+                                meter.read()?
+                            }
+                            Some(target) => meter.read_when(&a, target, interval, NEW_FLOW_POLL)?,
+                        };
                         Ok((a, b))
                     });
                     stop.store(true, Ordering::Relaxed);
@@ -801,6 +814,17 @@ impl<'t> Bench<'t> {
                 );
             }
         }
+        if let Some(target) = until.filter(|&t| iv.delivered < t) {
+            let short = format!(
+                "stopped at {} of {target} new flows after {:.1} s",
+                iv.delivered, iv.secs
+            );
+            note = if note.is_empty() {
+                short
+            } else {
+                format!("{note}; {short}")
+            };
+        }
         if new_flows {
             self.next_flow += self.gen.sent()? - sent_before;
             self.reset_flows(config)?;
@@ -851,6 +875,8 @@ impl<'t> Bench<'t> {
     }
 }
 
+/// How often a new-flow measurement looks whether it has reached its count.
+const NEW_FLOW_POLL: Duration = Duration::from_millis(10);
 /// Warm-up of a new-flow measurement at most.
 const NEW_FLOW_WARMUP: Duration = Duration::from_millis(10);
 /// 4096 inside hosts for new flows (in 198.18.64.0/18).
@@ -928,6 +954,10 @@ pub struct Measured {
 
 /// Runs the benchmark.
 pub fn run(plan: &TopoPlan, machine: Vec<(String, String)>) -> Result<TopoReport> {
+    // netfilter's table must hold what a new-flow run fills it to, like the appliance's. Its
+    // limits are global to the machine: raised for the run, put back when it ends.
+    let conntrack = ConntrackLimits::at_least(u64::from(plan.max_sessions))?;
+    let conntrack_limits = (conntrack.max, conntrack.buckets);
     let topo = Topology::build(plan.nat_cpu, plan.other_cpu)?;
     let mut bench = Bench::setup(plan, &topo)?;
     let workloads = Workload::selected(plan)?;
@@ -993,22 +1023,23 @@ pub fn run(plan: &TopoPlan, machine: Vec<(String, String)>) -> Result<TopoReport
         .collect();
     let settings = format!(
         "{} repetitions, configurations alternated within each; per measurement {:.0} ms \
-         warm-up, {:.0} ms measured ({:.0} ms for new flows), {} flows for \"many\", iperf3 {} MB \
-         per run, {:.0} ms of connections; appliance NAPI threads on CPU {}, generator and \
-         endpoints on CPU {}; session table {} (XDP), conntrack max {} (global)",
+         warm-up, {:.0} ms measured (new flows: until {} have arrived, at most {:.0} s), {} \
+         flows for \"many\", iperf3 {} MB per run, {:.0} ms of connections; appliance NAPI \
+         threads on CPU {}, generator and endpoints on CPU {}; session table {} (XDP), \
+         conntrack max {} and buckets {} (global, during the run)",
         plan.reps,
         plan.warmup.as_secs_f64() * 1e3,
         plan.interval.as_secs_f64() * 1e3,
-        plan.new_flow_interval.as_secs_f64() * 1e3,
+        plan.new_flow_target,
+        plan.new_flow_time_cap.as_secs_f64(),
         plan.many_flows,
         plan.iperf_bytes / 1_000_000,
         plan.cps_interval.as_secs_f64() * 1e3,
         plan.nat_cpu,
         plan.other_cpu,
         plan.max_sessions,
-        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into()),
+        conntrack_limits.0,
+        conntrack_limits.1,
     );
     Ok(TopoReport::new(
         machine,

@@ -23,7 +23,11 @@
 //! - **Interface names are unique per run** (`xb<pid>`...): the NAPI threads are found by
 //!   name (`napi/<dev>-<id>`), and other labs on the machine use `n0`/`n1` too.
 
-use std::{fs, net::Ipv4Addr, time::Instant};
+use std::{
+    fs,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nat_lab::netns::Netns;
@@ -476,6 +480,86 @@ impl Meter {
             delivered_bytes,
             nat_cpu_ns,
         })
+    }
+}
+
+impl Meter {
+    /// Reads all counters once `count` more units have been delivered since `start`, or when
+    /// `limit` has passed since it, whichever comes first, looking every `poll`.
+    pub fn read_when(
+        &self,
+        start: &Snapshot,
+        count: u64,
+        limit: Duration,
+        poll: Duration,
+    ) -> Result<Snapshot> {
+        let deadline = start.at + limit;
+        loop {
+            let now = self.read()?;
+            if now.delivered.saturating_sub(start.delivered) >= count || now.at >= deadline {
+                return Ok(now);
+            }
+            std::thread::sleep(poll.min(deadline.saturating_duration_since(now.at)));
+        }
+    }
+}
+
+/// netfilter's connection-tracking limits (`nf_conntrack_max`, `nf_conntrack_buckets`),
+/// global to the machine, raised for a benchmark run and put back when it is dropped.
+pub struct ConntrackLimits {
+    /// `nf_conntrack_max` in force.
+    pub max: u64,
+    /// `nf_conntrack_buckets` in force.
+    pub buckets: u64,
+    /// What to put back: (file, value before).
+    restore: Vec<(&'static str, u64)>,
+}
+
+const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+const CONNTRACK_BUCKETS: &str = "/proc/sys/net/netfilter/nf_conntrack_buckets";
+
+fn read_sysctl(path: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{path} holds {:?}, not a number", text.trim()))
+}
+
+impl ConntrackLimits {
+    /// Raises both limits to at least `entries` (a table that holds them, one bucket per
+    /// entry as the kernel sizes it by default), leaving larger values alone. Needs root in
+    /// the initial network namespace.
+    pub fn at_least(entries: u64) -> Result<Self> {
+        let mut limits = Self {
+            max: 0,
+            buckets: 0,
+            restore: Vec::new(),
+        };
+        for path in [CONNTRACK_BUCKETS, CONNTRACK_MAX] {
+            let before = read_sysctl(path)?;
+            let value = before.max(entries);
+            if value != before {
+                std::fs::write(path, value.to_string())
+                    .with_context(|| format!("raising {path} from {before} to {value}"))?;
+                limits.restore.push((path, before));
+            }
+            if path == CONNTRACK_MAX {
+                limits.max = value;
+            } else {
+                limits.buckets = value;
+            }
+        }
+        Ok(limits)
+    }
+}
+
+impl Drop for ConntrackLimits {
+    fn drop(&mut self) {
+        for (path, before) in self.restore.drain(..).rev() {
+            if let Err(e) = std::fs::write(path, before.to_string()) {
+                eprintln!("bench: could not put {path} back to {before}: {e}");
+            }
+        }
     }
 }
 

@@ -272,8 +272,8 @@ impl Appliance {
         Ok(self.dp.snapshot(std::iter::empty())?.route_cache)
     }
 
-    /// Empties the four connection-tracking tables (between new-flow measurements, so each
-    /// starts from the same table).
+    /// Empties the four connection-tracking tables and frees their ports in the free-port
+    /// index (between new-flow measurements, so each starts from the same table).
     pub fn clear_sessions(&mut self) -> Result<u64> {
         let ids = self
             .dp
@@ -290,7 +290,15 @@ impl Appliance {
             maps.filter.uncount(key, Counted::Replies)
         })?;
         drain::<Endpoint>(&maps.mappings, MAPPINGS, |_| {})?;
-        drain::<Endpoint>(&maps.bindings, BINDINGS, |_| {})?;
+        // Each port claimed goes back to the free-port index too, as the agent's deletions
+        // do: a run of a million new flows marks a quarter of the pool's ports, and runs
+        // after runs would otherwise find the index full.
+        let index = self.dp.sessions().and_then(|store| store.ports());
+        drain::<Endpoint>(&maps.bindings, BINDINGS, |external| {
+            if let Some(index) = index {
+                index.release(external);
+            }
+        })?;
         Ok(sessions)
     }
 }
