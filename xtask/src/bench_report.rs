@@ -244,6 +244,20 @@ pub fn md_header(out: &mut String, command: &str, machine: &[(String, String)], 
     let _ = writeln!(out, "- settings: {settings}\n");
 }
 
+/// Opens a chart: the `<svg>` element of `width` x `height`, a white background and `title`
+/// at (`x`, `y`). The caller closes it with `</svg>`.
+pub fn svg_open(out: &mut String, width: f64, height: f64, (x, y): (f64, f64), title: &str) {
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        out,
+        r#"<text x="{x}" y="{y}" font-size="13">{title}</text>"#
+    );
+}
+
 pub fn md_table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let align: Vec<&str> = (0..header.len())

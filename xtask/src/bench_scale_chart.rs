@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench_report::{Row, ScalePoint};
+use crate::bench_report::{svg_open, Row, ScalePoint};
 
 /// The chart's file name, next to the page.
 pub const SVG_NAME: &str = "benchmarks-kernel.svg";
@@ -110,14 +110,13 @@ pub fn to_svg(points: &[ScalePoint]) -> Option<String> {
     let x = |l: f64| LEFT + 20.0 + (plot_w - 40.0) * (l - lo) / (hi - lo).max(1e-9);
 
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{LEFT}" y="18" font-size="13">In-kernel ns per packet by sessions in the table (median; bars: min to max over repetitions)</text>"#
+    svg_open(
+        &mut s,
+        WIDTH,
+        HEIGHT,
+        (LEFT, 18.0),
+        "In-kernel ns per packet by sessions in the table (median; bars: min to max over \
+         repetitions)",
     );
     let mut tick = 0.0;
     while tick <= y_top + 1e-9 {

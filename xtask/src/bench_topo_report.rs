@@ -356,14 +356,13 @@ impl TopoReport {
             .ceil();
         let y = |v: f64| top + plot_h * (1.0 - v.min(top_value) / top_value);
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
-        );
-        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-        let _ = writeln!(
-            s,
-            r#"<text x="{left}" y="16" font-size="13">Appliance CPU cost relative to netfilter NAT (median of per-repetition ratios; lower is cheaper)</text>"#
+        crate::bench_report::svg_open(
+            &mut s,
+            width,
+            height,
+            (left, 16.0),
+            "Appliance CPU cost relative to netfilter NAT (median of per-repetition ratios; \
+             lower is cheaper)",
         );
         let mut tick = 0.0;
         while tick <= top_value + 1e-9 {
