@@ -525,9 +525,7 @@ impl ConntrackMaps {
         }
         Ok(total)
     }
-}
 
-impl ConntrackMaps {
     /// Deletes what the new-flow insert floor (`xdp_bench_new_flow_inserts`) wrote for `keys`:
     /// each key in `SESSIONS`, its reverse in `REPLIES`, its source endpoint in `MAPPINGS` and
     /// `BINDINGS`. The floor counts nothing in the session filter, so nothing is taken back.

@@ -368,7 +368,7 @@ impl Report {
             );
             let _ = writeln!(out);
             md_table(&mut out, &HEADER, &self.scale_row_cells());
-            if self.scale.len() >= 2 {
+            if self.scale.len() >= crate::bench_scale_chart::MIN_POINTS {
                 let _ = writeln!(
                     out,
                     "\n![in-kernel cost by table size]({})",

@@ -75,26 +75,25 @@ fn short_count(n: u64) -> String {
     format!("{value:.digits$}{suffix}")
 }
 
-/// The row of `point` for `series`, if it was measured there.
-fn row<'a>(point: &'a ScalePoint, series: &Series) -> Option<&'a Row> {
-    point.rows.iter().find(|r| r.key.ends_with(series.suffix))
+/// Scale points a chart needs: a line goes through two at least.
+pub const MIN_POINTS: usize = 2;
+
+/// The row of `point` whose key ends with `suffix`, if it was measured there.
+fn row<'a>(point: &'a ScalePoint, suffix: &str) -> Option<&'a Row> {
+    point.rows.iter().find(|r| r.key.ends_with(suffix))
 }
 
-/// The SVG, or `None` with fewer than two scale points (nothing to draw a line through).
+/// The SVG, or `None` with fewer than [`MIN_POINTS`] scale points.
 pub fn to_svg(points: &[ScalePoint]) -> Option<String> {
-    if points.len() < 2 {
+    if points.len() < MIN_POINTS {
         return None;
     }
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
-    let flat_goal = SERIES
-        .iter()
-        .find(|s| s.suffix == "/new-flow")
-        .and_then(|s| row(&points[0], s))
-        .map(|r| 1.5 * r.median());
+    let flat_goal = row(&points[0], "/new-flow").map(|r| 1.5 * r.median());
     let highest = points
         .iter()
-        .flat_map(|p| SERIES.iter().filter_map(move |s| row(p, s)))
+        .flat_map(|p| SERIES.iter().filter_map(move |s| row(p, s.suffix)))
         .map(Row::max)
         .chain(flat_goal)
         .fold(0.0f64, f64::max);
@@ -166,7 +165,7 @@ pub fn to_svg(points: &[ScalePoint]) -> Option<String> {
         let measured: Vec<(f64, &Row)> = points
             .iter()
             .zip(&logs)
-            .filter_map(|(p, &l)| row(p, series).map(|r| (x(l), r)))
+            .filter_map(|(p, &l)| row(p, series.suffix).map(|r| (x(l), r)))
             .collect();
         let line: Vec<String> = measured
             .iter()

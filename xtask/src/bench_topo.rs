@@ -957,7 +957,6 @@ pub fn run(plan: &TopoPlan, machine: Vec<(String, String)>) -> Result<TopoReport
     // netfilter's table must hold what a new-flow run fills it to, like the appliance's. Its
     // limits are global to the machine: raised for the run, put back when it ends.
     let conntrack = ConntrackLimits::at_least(u64::from(plan.max_sessions))?;
-    let conntrack_limits = (conntrack.max, conntrack.buckets);
     let topo = Topology::build(plan.nat_cpu, plan.other_cpu)?;
     let mut bench = Bench::setup(plan, &topo)?;
     let workloads = Workload::selected(plan)?;
@@ -1038,8 +1037,8 @@ pub fn run(plan: &TopoPlan, machine: Vec<(String, String)>) -> Result<TopoReport
         plan.nat_cpu,
         plan.other_cpu,
         plan.max_sessions,
-        conntrack_limits.0,
-        conntrack_limits.1,
+        conntrack.max,
+        conntrack.buckets,
     );
     Ok(TopoReport::new(
         machine,

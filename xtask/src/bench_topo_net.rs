@@ -481,9 +481,7 @@ impl Meter {
             nat_cpu_ns,
         })
     }
-}
 
-impl Meter {
     /// Reads all counters once `count` more units have been delivered since `start`, or when
     /// `limit` has passed since it, whichever comes first, looking every `poll`.
     pub fn read_when(
@@ -518,45 +516,43 @@ pub struct ConntrackLimits {
 const CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 const CONNTRACK_BUCKETS: &str = "/proc/sys/net/netfilter/nf_conntrack_buckets";
 
-fn read_sysctl(path: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    text.trim()
-        .parse()
-        .with_context(|| format!("{path} holds {:?}, not a number", text.trim()))
-}
-
 impl ConntrackLimits {
     /// Raises both limits to at least `entries` (a table that holds them, one bucket per
     /// entry as the kernel sizes it by default), leaving larger values alone. Needs root in
-    /// the initial network namespace.
+    /// the initial network namespace. What was raised before a failure is put back.
     pub fn at_least(entries: u64) -> Result<Self> {
         let mut limits = Self {
             max: 0,
             buckets: 0,
             restore: Vec::new(),
         };
-        for path in [CONNTRACK_BUCKETS, CONNTRACK_MAX] {
-            let before = read_sysctl(path)?;
-            let value = before.max(entries);
-            if value != before {
-                std::fs::write(path, value.to_string())
-                    .with_context(|| format!("raising {path} from {before} to {value}"))?;
-                limits.restore.push((path, before));
-            }
-            if path == CONNTRACK_MAX {
-                limits.max = value;
-            } else {
-                limits.buckets = value;
-            }
-        }
+        limits.buckets = limits.raise(CONNTRACK_BUCKETS, entries)?;
+        limits.max = limits.raise(CONNTRACK_MAX, entries)?;
         Ok(limits)
+    }
+
+    /// Raises the sysctl at `path` to at least `value`, noting what to put back; returns the
+    /// value in force.
+    fn raise(&mut self, path: &'static str, value: u64) -> Result<u64> {
+        let text = fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        let before: u64 = text
+            .trim()
+            .parse()
+            .with_context(|| format!("{path} holds {:?}, not a number", text.trim()))?;
+        if value <= before {
+            return Ok(before);
+        }
+        fs::write(path, value.to_string())
+            .with_context(|| format!("raising {path} from {before} to {value}"))?;
+        self.restore.push((path, before));
+        Ok(value)
     }
 }
 
 impl Drop for ConntrackLimits {
     fn drop(&mut self) {
         for (path, before) in self.restore.drain(..).rev() {
-            if let Err(e) = std::fs::write(path, before.to_string()) {
+            if let Err(e) = fs::write(path, before.to_string()) {
                 eprintln!("bench: could not put {path} back to {before}: {e}");
             }
         }
