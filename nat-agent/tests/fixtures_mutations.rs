@@ -75,23 +75,23 @@ max_sessions = 16384
 [[dnat]]
 id = 10
 name = "web"
-destination = "198.18.100.10"
+destination = "{VIP_WEB}"
 protocol = "tcp"
 port = 80
-to_address = "198.18.1.10"
+to_address = "{BACKEND_WEB}"
 to_port = 8080
 
 [[dnat]]
 id = 20
 name = "whole"
-destination = "198.18.100.20"
-to_address = "198.18.1.20"
+destination = "{VIP_WHOLE}"
+to_address = "{BACKEND_WHOLE}"
 
 [[snat]]
 id = 1
 name = "out"
 source = "198.18.0.0/24"
-to_address = "203.0.113.1"
+to_address = "{EXT}"
 port_range = "20000-29999"
 "#
     )
